@@ -1,0 +1,159 @@
+"""A timm Vision Transformer whose selected layers hold separate [CLS]/patch weights.
+
+Built by extending timm, not copying it: `SpecializedBlock` is timm's `Block` used as the model's
+`block_fn`, with the chosen submodules (norm1, attn.qkv, ls1, ...) swapped for the two-branch
+layers of `layers.py`; the final norm is swapped the same way. Attention itself stays shared, so
+all tokens still attend to each other. With `specialization="none"` nothing is swapped and the
+model is exactly timm's `VisionTransformer`.
+
+    import trainer.models, timm
+    model = timm.create_model("specialized_vit_base_patch16_224", specialization="paper")
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+from typing import Any
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block, VisionTransformer, _cfg, checkpoint_filter_fn
+from torch import nn
+
+from trainer.models.layers import specialize_module
+from trainer.models.specialization import BLOCK_COMPONENTS, Specialization
+
+# timm's widths/depths/heads, plus a `micro` scale that trains in seconds on a CPU.
+SCALES: dict[str, dict[str, Any]] = {
+    "micro": dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4),
+    "tiny": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "small": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "large": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+MODEL_NAMES: dict[str, str] = {
+    scale: f"specialized_vit_{scale}_patch{a['patch_size']}_{a['img_size']}" for scale, a in SCALES.items()
+}
+
+
+def _get_submodule_parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    *parents, leaf = path.split(".")
+    module = root
+    for p in parents:
+        module = getattr(module, p)
+    return module, leaf
+
+
+class SpecializedBlock(Block):
+    """timm's pre-norm `Block`, with the components planned for this block index made two-branch."""
+
+    def __init__(self, *, depth: int, block_plan: list[tuple[str, ...]], num_prefix_tokens: int, **kwargs: Any):
+        super().__init__(depth=depth, **kwargs)
+        specialized, absent = [], []
+        for component in block_plan[depth]:
+            parent, leaf = _get_submodule_parent(self, BLOCK_COMPONENTS[component])
+            replacement = specialize_module(getattr(parent, leaf), num_prefix_tokens)
+            if replacement is None:  # e.g. LayerScale in a model built without init_values
+                absent.append(component)
+                continue
+            setattr(parent, leaf, replacement)
+            specialized.append(component)
+        self.specialized = tuple(specialized)
+        self.absent = tuple(absent)
+
+
+class SpecializedVisionTransformer(VisionTransformer):
+    """timm's `VisionTransformer` plus a `Specialization`.
+
+    Args:
+        specialization: a `Specialization` or its string form (`none`, `paper`, `norms,qkv@first:4`, ...).
+        registers_follow: `cls` routes register tokens through the prefix weights, `patch` through
+            the patch weights.
+        **kwargs: any `VisionTransformer` argument.
+    """
+
+    def __init__(
+        self,
+        specialization: str | Specialization = "none",
+        registers_follow: str = "cls",
+        **kwargs: Any,
+    ) -> None:
+        spec = Specialization.parse(specialization)
+        if registers_follow not in ("cls", "patch"):
+            raise ValueError(f"registers_follow must be 'cls' or 'patch', got {registers_follow!r}")
+        if kwargs.get("block_fn", Block) is not Block:
+            raise ValueError("SpecializedVisionTransformer supplies its own block_fn (timm's pre-norm Block)")
+        depth = kwargs.get("depth", 12)
+        reg_tokens = kwargs.get("reg_tokens", 0)
+        if not spec.is_vanilla and not kwargs.get("class_token", True):
+            raise ValueError("specialization separates [CLS] from patches: the model needs class_token=True")
+        # Token layout in timm: [CLS], registers, patches. Registers may join either side.
+        num_specialized_prefix = 1 + (reg_tokens if registers_follow == "cls" else 0)
+        block_fn = partial(SpecializedBlock, block_plan=spec.block_plan(depth), num_prefix_tokens=num_specialized_prefix)
+        super().__init__(block_fn=block_fn, **kwargs)
+
+        self.specialization = spec
+        absent = sorted({c for blk in self.blocks for c in blk.absent})
+        if absent:
+            warnings.warn(
+                f"specialization {spec}: the model has no {', '.join(absent)} layers (LayerScale needs "
+                "init_values), so those components stay absent, not specialized",
+                stacklevel=2,
+            )
+        self.absent_components = tuple(absent)
+        self.registers_follow = registers_follow
+        self.num_specialized_prefix_tokens = num_specialized_prefix
+        if spec.final_norm:
+            replacement = specialize_module(self.norm, num_specialized_prefix)
+            if replacement is None:
+                raise ValueError("cannot specialize final_norm: this model has no final norm (fc_norm pooling)")
+            self.norm = replacement
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SpecializedVisionTransformer:
+    if pretrained:
+        raise ValueError(
+            f"{variant} has no downloadable weights: specialize a local vanilla checkpoint with "
+            "trainer.models.load_vanilla_checkpoint(model, path) (model.pretrained in a trial config)"
+        )
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        SpecializedVisionTransformer,
+        variant,
+        pretrained=False,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _entry_point(scale: str):
+    variant = MODEL_NAMES[scale]
+
+    def create(pretrained: bool = False, **kwargs: Any) -> SpecializedVisionTransformer:
+        return _create(variant, pretrained=pretrained, **{**SCALES[scale], **kwargs})
+
+    create.__name__ = create.__qualname__ = variant
+    create.__doc__ = f"ViT-{scale} with [CLS]/patch specialization ({SCALES[scale]})."
+    create.__module__ = __name__
+    return create
+
+
+# timm's registry reads a module's `default_cfgs` when a model is registered. No weights to download.
+default_cfgs = generate_default_cfgs({
+    name: _cfg(input_size=(3, SCALES[scale]["img_size"], SCALES[scale]["img_size"]))
+    for scale, name in MODEL_NAMES.items()
+})
+
+for _scale in SCALES:
+    globals()[MODEL_NAMES[_scale]] = register_model(_entry_point(_scale))
+
+
+def vanilla_counterpart(scale: str) -> tuple[str, dict[str, Any]]:
+    """The stock timm model name and kwargs that build the same architecture without specialization."""
+    base = {"micro": "vit_tiny_patch16_224", "huge": "vit_huge_patch14_224"}.get(scale, f"vit_{scale}_patch16_224")
+    return base, dict(SCALES[scale])
+
+
+__all__ = ["SCALES", "MODEL_NAMES", "SpecializedBlock", "SpecializedVisionTransformer", "vanilla_counterpart"]
