@@ -128,6 +128,7 @@ class TrackingConfig(Section):
     tracking_uri: str | None = Field(None, description="default: sqlite:///<repo>/mlflow.db")
     experiment: str = "trials"
     parent_run_id: str | None = None
+    run_id: str | None = Field(None, description="continue this MLflow run instead of creating one")
     run_name: str | None = None
     tags: dict[str, str] = {}
 
@@ -193,12 +194,19 @@ def parse_config(data: dict[str, Any], source: str = "config") -> TrialConfig:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-def load_config(path: str | Path) -> TrialConfig:
+def read_config_data(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a config file (before validation), with a clear error for bad files."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return parse_config(data, str(path))
+    return data
+
+
+def load_config(path: str | Path) -> TrialConfig:
+    return parse_config(read_config_data(path), str(path))
