@@ -219,6 +219,7 @@ class Trial:
 
         meta_arch.train()
         started = time.perf_counter()
+        last_tick = started  # img/s counts data loading too: from the end of one step to the end of the next
         while state.step < sched.steps:
             epoch, offset = divmod(state.step, batches_per_epoch)
             dataset.set_epoch(epoch)
@@ -226,7 +227,6 @@ class Trial:
             loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                                 num_workers=cfg.data.num_workers, persistent_workers=False)
             for batch in loader:
-                step_start = time.perf_counter()
                 lr = cosine_schedule(state.step, sched.steps, opt.lr, opt.min_lr, sched.warmup_steps)
                 for group, wd in zip(optimizer.param_groups, weight_decay):
                     group["lr"], group["weight_decay"] = lr, wd
@@ -244,7 +244,8 @@ class Trial:
                 meta_arch.after_step(state.step)
                 state.step += 1
 
-                elapsed = time.perf_counter() - step_start
+                now = time.perf_counter()
+                elapsed, last_tick = now - last_tick, now
                 n_images = _batch_images(batch) * runtime.world_size
                 if state.step > 2:  # the first steps pay for allocation / compilation
                     state.train_time_s += elapsed

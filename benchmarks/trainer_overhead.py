@@ -1,0 +1,99 @@
+"""Throughput of `python -m trainer` vs a minimal hand-written timm training loop, in one run.
+
+Both train the same model with the same batch size, optimizer and loss; the trainer also runs its
+data pipeline (scenes + 3-Augment), logging and checkpoints. The two are interleaved over
+repeats and each repeat's ratio is trainer / hand-written. Last line: one JSON object.
+
+    python benchmarks/trainer_overhead.py --scale micro --batch-size 64 --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+import yaml
+
+import trainer.models as tm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hand_written_loop(scale: str, specialization: str, batch_size: int, steps: int, threads: int) -> float:
+    """img/s of the simplest correct training loop on random tensors (steps after the first 2)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    args = tm.SCALES[scale]
+    model = timm.create_model(tm.MODEL_NAMES[scale], specialization=specialization, init_values=1e-4, num_classes=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    images = torch.randn(batch_size, 3, args["img_size"], args["img_size"])
+    targets = torch.nn.functional.one_hot(torch.randint(0, 4, (batch_size,)), 4).float()
+    model.train()
+    elapsed = 0.0
+    for step in range(steps):
+        start = time.perf_counter()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step >= 2:
+            elapsed += time.perf_counter() - start
+    return batch_size * (steps - 2) / elapsed
+
+
+def trainer_run(scale: str, specialization: str, batch_size: int, steps: int, threads: int) -> float:
+    config = {
+        "model": {"scale": scale, "specialization": specialization},
+        "data": {"scenes": {"train_size": max(1024, batch_size * 8), "num_classes": 4}},
+        "schedule": {"steps": steps, "batch_size": batch_size, "warmup_steps": 1, "checkpoint_every": max(1, steps // 2),
+                     "log_every": max(1, steps // 4)},
+        "evaluation": {"linear": False, "knn": False, "segmentation": False, "depth": False, "token_interaction": False},
+        "tracking": {"enabled": False},
+        "runtime": {"threads": threads},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trial.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(path), "--out", str(Path(tmp) / "out")],
+                              cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"trainer failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        return json.loads((Path(tmp) / "out" / "result.json").read_text())["throughput_img_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", default="micro", choices=list(tm.SCALES))
+    parser.add_argument("--specialization", default="paper")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+
+    hand, ours = [], []
+    for _ in range(args.repeats):
+        hand.append(hand_written_loop(args.scale, args.specialization, args.batch_size, args.steps, args.threads))
+        ours.append(trainer_run(args.scale, args.specialization, args.batch_size, args.steps, args.threads))
+    ratios = [o / h for o, h in zip(ours, hand)]
+    print(f"scale={args.scale} specialization={args.specialization} batch={args.batch_size} steps={args.steps} "
+          f"threads={args.threads}")
+    print(f"{'repeat':>6} {'hand-written img/s':>19} {'python -m trainer img/s':>24} {'ratio':>7}")
+    for i, (h, o, r) in enumerate(zip(hand, ours, ratios)):
+        print(f"{i:>6} {h:>19.1f} {o:>24.1f} {r:>7.3f}")
+    print(json.dumps({"scale": args.scale, "specialization": args.specialization, "batch_size": args.batch_size,
+                      "hand_written_img_s": statistics.median(hand), "trainer_img_s": statistics.median(ours),
+                      "throughput_ratio": statistics.median(ratios), "target": 0.95}))
+
+
+if __name__ == "__main__":
+    main()

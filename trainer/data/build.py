@@ -1,0 +1,192 @@
+"""Builders: from a TrialConfig to the training dataset and the evaluation datasets.
+
+The training loop and the evaluations only call these; which dataset (scenes or folders) and
+which framework (supervised or DINOv2) is decided here.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from trainer.data.folders import (
+    IGNORE_INDEX,
+    SEGMENTATION_CLASSES,
+    DepthFolderDataset,
+    ImageFolderDataset,
+    SegmentationFolderDataset,
+    classification_classes,
+)
+from trainer.data.scenes import BACKGROUND_DEPTH, ScenesDataset, derive_seed, scenes_split
+from trainer.data.transforms import EvalDataset, EvalTransform, MultiCropTransform, SupervisedTransform, TrainDataset
+
+if TYPE_CHECKING:
+    from trainer.config import TrialConfig
+
+NYU_MAX_DEPTH = 10.0  # metres; the usual NYU-v2 evaluation cap
+CLASSIFICATION_RESIZE = 256 / 224  # resize then center-crop, the standard ImageNet eval ratio
+
+
+def _scale_default(cfg: "TrialConfig", key: str) -> int:
+    from trainer.models.specialized_vit import SCALES  # imported late: it pulls in timm
+
+    return int(SCALES[cfg.model.scale][key])
+
+
+def resolve_img_size(cfg: "TrialConfig") -> int:
+    """The training/eval image size: cfg.model.img_size, else the scale's (micro 32, others 224)."""
+    return cfg.model.img_size or _scale_default(cfg, "img_size")
+
+
+def resolve_patch_size(cfg: "TrialConfig") -> int:
+    return cfg.model.patch_size or _scale_default(cfg, "patch_size")
+
+
+def resolve_local_crop_size(cfg: "TrialConfig") -> int:
+    """DINOv2 local crop size: cfg.dinov2.local_crop_size, else img_size * 3/7 rounded to a whole
+    number of patches, at least one (224/16 -> 96 as in DINOv2, 32/4 -> 12)."""
+    if cfg.dinov2.local_crop_size is not None:
+        return cfg.dinov2.local_crop_size
+    patch = resolve_patch_size(cfg)
+    return max(patch, round(resolve_img_size(cfg) * 3 / 7 / patch) * patch)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_scenes(split: str, size: int, image_size: int, num_classes: int, seed: int) -> ScenesDataset:
+    """One generated split per process, shared by the training set and the evaluations."""
+    return scenes_split(split, size, image_size, num_classes, seed)
+
+
+def scenes_for(cfg: "TrialConfig", split: str) -> ScenesDataset:
+    s = cfg.data.scenes
+    size = s.train_size if split == "train" else s.val_size
+    return _cached_scenes(split, size, resolve_img_size(cfg), s.num_classes, s.seed)
+
+
+def _require_root(cfg: "TrialConfig", key: str) -> Path:
+    root = getattr(cfg.data, key)
+    if root is None:
+        raise ValueError(f"data.{key} must be set to train or evaluate with data.dataset: folders")
+    return Path(root)
+
+
+def num_classes(cfg: "TrialConfig") -> int:
+    """Classification classes of the training data."""
+    if cfg.data.dataset == "scenes":
+        return cfg.data.scenes.num_classes
+    return len(classification_classes(_require_root(cfg, "classification_root")))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def build_train_dataset(cfg: "TrialConfig") -> TrainDataset:
+    """The augmented training set for cfg.framework; call `.set_epoch(epoch)` every epoch.
+
+    supervised items: (image float 3xSxS normalized, label long scalar);
+    dinov2 items: dict(global_crops=[t, t], local_crops=[t, ...]) (batch with `collate_multicrop`).
+    Augmentations are seeded from (cfg.seed, epoch, index); the scenes content from
+    cfg.data.scenes.seed, so changing the trial seed never changes the data itself.
+    """
+    img_size = resolve_img_size(cfg)
+    scenes = cfg.data.dataset == "scenes"
+    if scenes:
+        base: Dataset = scenes_for(cfg, "train").materialize()  # before any DataLoader worker forks
+    else:
+        base = ImageFolderDataset(_require_root(cfg, "classification_root"), "train")
+
+    if cfg.framework == "supervised":
+        transform = SupervisedTransform(img_size, three_augment=cfg.supervised.three_augment,
+                                        relabel_from_segmentation=scenes)
+    elif cfg.framework == "dinov2":
+        d = cfg.dinov2
+        transform = MultiCropTransform(img_size, resolve_local_crop_size(cfg), d.local_crops,
+                                       global_scale=d.global_crop_scale, local_scale=d.local_crop_scale)
+    else:
+        raise ValueError(f"unknown framework {cfg.framework!r}")
+    return TrainDataset(base, transform, seed=cfg.seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalData:
+    """Datasets for the probes; each task is a (train, val) pair or None when it has no data.
+
+    classification items: (image, label long); segmentation: (image, mask long HxW, 255 = ignore);
+    depth: (image, depth float HxW, 0 = invalid). Images are float, normalized, S x S.
+    """
+
+    classification: tuple[Dataset, Dataset] | None = None
+    segmentation: tuple[Dataset, Dataset] | None = None
+    depth: tuple[Dataset, Dataset] | None = None
+    num_classes: int | None = None  # classification classes
+    segmentation_num_classes: int | None = None  # including background for scenes
+    ignore_index: int = IGNORE_INDEX
+    max_depth: float | None = None  # the largest valid depth, for metrics/binning
+
+
+def _cap(dataset: Dataset, limit: int | None, shuffle_seed: int | None = None) -> Dataset:
+    """At most `limit` items: the first ones, or (when the dataset is ordered, e.g. by class) a
+    fixed random subset drawn with `shuffle_seed`."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if limit is None or limit >= n:
+        return dataset
+    if shuffle_seed is None:
+        return Subset(dataset, range(limit))
+    indices = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed))[:limit].sort().values
+    return Subset(dataset, indices.tolist())
+
+
+def _pair(cfg: "TrialConfig", make: Callable[[str], Dataset], transform: EvalTransform, shuffle: bool,
+          num_classes: int | None = None) -> tuple[Dataset, Dataset]:
+    """(train, val) eval datasets from `make(split)`, capped to the evaluation sample limits."""
+    limits = {"train": cfg.evaluation.max_train_samples, "val": cfg.evaluation.max_val_samples}
+    train, val = (
+        EvalDataset(_cap(make(split), limits[split], derive_seed("eval-subset", split) if shuffle else None),
+                    transform, num_classes=num_classes)
+        for split in ("train", "val")
+    )
+    return train, val
+
+
+def build_eval_datasets(cfg: "TrialConfig") -> EvalData:
+    """The probe datasets. Scenes: all three tasks from the same generated images, eval transform =
+    normalize only. Folders: each task present only if its root is set in cfg.data."""
+    if cfg.data.dataset == "scenes":
+        c = cfg.data.scenes.num_classes
+        make = lambda split: scenes_for(cfg, split)  # noqa: E731
+        return EvalData(
+            classification=_pair(cfg, make, EvalTransform("label"), False, c),
+            segmentation=_pair(cfg, make, EvalTransform("segmentation"), False, c + 1),
+            depth=_pair(cfg, make, EvalTransform("depth"), False),
+            num_classes=c,
+            segmentation_num_classes=c + 1,
+            max_depth=BACKGROUND_DEPTH,
+        )
+
+    img_size, data, out = resolve_img_size(cfg), cfg.data, EvalData()
+    if data.classification_root is not None:
+        out.num_classes = num_classes(cfg)
+        out.classification = _pair(cfg, lambda split: ImageFolderDataset(data.classification_root, split),
+                                   EvalTransform("label", img_size, CLASSIFICATION_RESIZE), True, out.num_classes)
+    if data.segmentation_root is not None:
+        out.segmentation_num_classes = SEGMENTATION_CLASSES[data.segmentation_layout]
+        out.segmentation = _pair(
+            cfg, lambda split: SegmentationFolderDataset(data.segmentation_root, split, data.segmentation_layout),
+            EvalTransform("segmentation", img_size), True, out.segmentation_num_classes)
+    if data.depth_root is not None:
+        out.depth = _pair(cfg, lambda split: DepthFolderDataset(data.depth_root, split),
+                          EvalTransform("depth", img_size), True)
+        out.max_depth = NYU_MAX_DEPTH
+    return out
