@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainer.models.specialization import Specialization
+from trainer.specialization import Specialization
 
 Scale = Literal["micro", "tiny", "small", "base", "large", "huge"]
 Framework = Literal["supervised", "dinov2"]

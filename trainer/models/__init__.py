@@ -2,7 +2,7 @@
 
 from trainer.models.accounting import ParameterReport, count_flops, parameter_report
 from trainer.models.convert import ConversionReport, load_vanilla_checkpoint, read_checkpoint, specialize_state_dict
-from trainer.models.specialization import PRESETS, Specialization, SpecializationError
+from trainer.specialization import PRESETS, Specialization, SpecializationError
 from trainer.models.specialized_vit import MODEL_NAMES, SCALES, SpecializedVisionTransformer, vanilla_counterpart
 
 __all__ = [

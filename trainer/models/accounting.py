@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.models.layers import TokenTypeSplit
-from trainer.models.specialization import BLOCK_COMPONENTS
+from trainer.specialization import BLOCK_COMPONENTS
 
 _PATH_TO_COMPONENT = {path: name for name, path in BLOCK_COMPONENTS.items()}
 

@@ -21,7 +21,7 @@ from timm.models.vision_transformer import Block, VisionTransformer, _cfg, check
 from torch import nn
 
 from trainer.models.layers import specialize_module
-from trainer.models.specialization import BLOCK_COMPONENTS, Specialization
+from trainer.specialization import BLOCK_COMPONENTS, Specialization
 
 # timm's widths/depths/heads, plus a `micro` scale that trains in seconds on a CPU.
 SCALES: dict[str, dict[str, Any]] = {

@@ -1,0 +1,375 @@
+"""Sweep specs: expansion modes, named and multi-key values, overrides, identity across specs."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from orchestrator.plan import diff_plan
+from orchestrator.spec import SpecError, SweepSpec, TrialPlan, expand, load_spec, spec_hash
+from trainer.config import TrackingConfig, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+VERSION = "test-code"  # a fixed code version: these tests are about the spec, not the trainer's source
+
+SPEC_HEAD = """
+name: demo
+base:
+  framework: supervised
+  model: {scale: micro}
+  schedule: {steps: 100, warmup_steps: 10}
+"""
+
+
+def write_spec(tmp_path: Path, *parts: str, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(textwrap.dedent(part) for part in (SPEC_HEAD, *parts)))
+    return path
+
+
+def load(tmp_path: Path, *parts: str, overrides: tuple[str, ...] = ()) -> SweepSpec:
+    return load_spec(write_spec(tmp_path, *parts), overrides)
+
+
+def cells(trials: list[TrialPlan]) -> list[tuple[str, ...]]:
+    return [tuple(t.cell.values()) for t in trials if t.seed == trials[0].seed]
+
+
+TWO_AXES = """
+axes:
+  specialization:
+    key: model.specialization
+    values: {none: none, norms: norms, paper: paper}
+  framework: [supervised, dinov2]
+"""
+
+
+# ------------------------------------------------------------------------------------------------
+# Expansion modes
+
+
+def test_grid_is_the_product_seed_major_last_axis_fastest(tmp_path):
+    trials = expand(load(tmp_path, TWO_AXES + "seeds: [0, 1]\n"), VERSION)
+    assert len(trials) == 3 * 2 * 2
+    assert [t.seed for t in trials] == [0] * 6 + [1] * 6
+    assert cells(trials) == [
+        ("none", "supervised"), ("none", "dinov2"), ("norms", "supervised"),
+        ("norms", "dinov2"), ("paper", "supervised"), ("paper", "dinov2"),
+    ]
+    assert trials[3].label == "specialization=norms framework=dinov2 seed=0"
+    assert trials[3].config["framework"] == "dinov2"
+    assert trials[3].config["model"]["specialization"] == "norm1,norm2,final_norm"
+    assert len({t.trial_id for t in trials}) == 12
+
+
+def test_zip_pairs_values_by_position(tmp_path):
+    spec = load(tmp_path, """
+        expand: zip
+        axes:
+          specialization: {key: model.specialization, values: {none: none, paper: paper}}
+          model.scale: [micro, tiny]
+        """)
+    assert cells(expand(spec, VERSION)) == [("none", "micro"), ("paper", "tiny")]
+
+
+def test_one_at_a_time_moves_each_axis_alone_from_the_baseline(tmp_path):
+    spec = load(tmp_path, TWO_AXES, """
+        expand: one_at_a_time
+        baseline: {specialization: none, framework: supervised}
+        """)
+    assert cells(expand(spec, VERSION)) == [
+        ("none", "supervised"), ("norms", "supervised"), ("paper", "supervised"), ("none", "dinov2"),
+    ]
+
+
+def test_exclude_drops_partial_matches_and_include_adds_them_back(tmp_path):
+    spec = load(tmp_path, TWO_AXES, """
+        baseline: {specialization: none, framework: supervised}
+        exclude: [{framework: dinov2}]
+        include: [{specialization: paper, framework: dinov2}, {framework: dinov2}]
+        """)
+    assert spec.include == [
+        {"specialization": "paper", "framework": "dinov2"},
+        {"specialization": "none", "framework": "dinov2"},  # missing axes come from the baseline
+    ]
+    assert cells(expand(spec, VERSION)) == [
+        ("none", "supervised"), ("norms", "supervised"), ("paper", "supervised"),
+        ("paper", "dinov2"), ("none", "dinov2"),
+    ]
+
+
+def test_seeds_set_the_trial_seed_and_default_to_zero(tmp_path):
+    with_seeds = expand(load(tmp_path, TWO_AXES + "seeds: [3, 7]\n"), VERSION)
+    assert {t.seed for t in with_seeds} == {3, 7}
+    assert all(t.config["seed"] == t.seed for t in with_seeds)
+    assert {t.seed for t in expand(load(tmp_path, TWO_AXES), VERSION)} == {0}
+
+
+# ------------------------------------------------------------------------------------------------
+# Values: named, short form, several keys, whole sections
+
+
+def test_short_form_axis_is_named_by_its_key_and_values_by_their_text(tmp_path):
+    spec = load(tmp_path, """
+        axes:
+          model.reg_tokens: [0, 4]
+          evaluation.linear: [true, false]
+        baseline: {model.reg_tokens: 0, evaluation.linear: true}
+        """)
+    assert spec.axis_names == ["model.reg_tokens", "evaluation.linear"]
+    assert spec.axis("model.reg_tokens").value_names == ["0", "4"]
+    trial = expand(spec, VERSION)[3]
+    assert trial.cell == {"model.reg_tokens": "4", "evaluation.linear": "false"}
+    assert trial.config["model"]["reg_tokens"] == 4 and trial.config["evaluation"]["linear"] is False
+
+
+def test_multi_key_axis_sets_its_keys_together_by_list_or_alias(tmp_path):
+    spec = load(tmp_path, """
+        axes:
+          setup:
+            keys: {spec: model.specialization, regs: model.reg_tokens}
+            values:
+              plain: {spec: none, regs: 0}
+              paper_regs: {spec: paper, model.reg_tokens: 4}
+          sched:
+            keys: [schedule.steps, schedule.warmup_steps]
+            values:
+              short: {schedule.steps: 50, schedule.warmup_steps: 5}
+              long: {schedule.steps: 400, schedule.warmup_steps: 40}
+        """)
+    trial = next(t for t in expand(spec, VERSION) if t.cell == {"setup": "paper_regs", "sched": "short"})
+    assert trial.config["model"]["reg_tokens"] == 4
+    assert trial.config["model"]["specialization"].startswith("norm1")
+    assert (trial.config["schedule"]["steps"], trial.config["schedule"]["warmup_steps"]) == (50, 5)
+
+
+def test_a_mapping_value_on_a_section_merges_into_the_base_section(tmp_path):
+    spec = load(tmp_path, """
+        axes:
+          data_size:
+            key: data.scenes
+            values: {small: {train_size: 100, num_classes: 6}, large: {train_size: 4000}}
+        """)
+    small, large = expand(spec, VERSION)
+    assert small.config["data"]["scenes"] == {"num_classes": 6, "train_size": 100, "val_size": 512, "seed": 0}
+    assert large.config["data"]["scenes"]["num_classes"] == 4  # the default, untouched by `large`
+
+
+def test_every_trial_config_is_a_valid_trial_with_default_tracking(tmp_path):
+    for trial in expand(load(tmp_path, TWO_AXES + "seeds: [0, 1]\n"), VERSION):
+        assert parse_config(trial.config).model_dump(mode="json") == trial.config
+        assert trial.config["tracking"] == TrackingConfig().model_dump(mode="json")
+        assert trial.config["name"] == f"demo/{trial.label}"
+
+
+def test_every_id_is_the_hash_of_its_own_config(tmp_path):
+    from orchestrator.identity import trial_id
+
+    spec = load(tmp_path, """
+        seeds: [0, 5]
+        axes:
+          specialization: {key: model.specialization, values: {none: none, paper: paper}}
+          setup:
+            keys: [schedule.steps, schedule.warmup_steps, optimizer.betas]
+            values:
+              short: {schedule.steps: 50, schedule.warmup_steps: 5, optimizer.betas: [0.9, 0.95]}
+              default: {schedule.steps: 100, schedule.warmup_steps: 10, optimizer.betas: [0.9, 0.999]}
+          data.scenes: [{train_size: 64}, {num_classes: 3}]
+        """)
+    for trial in expand(spec, VERSION):
+        assert trial.trial_id == trial_id(trial.config, VERSION)
+
+
+def test_trial_configs_share_no_mutable_state(tmp_path):
+    first, second = expand(load(tmp_path, TWO_AXES), VERSION)[:2]
+    first.config["tracking"]["tags"]["sweep"] = "demo"
+    first.config["optimizer"]["betas"][0] = 0.5
+    assert second.config["tracking"]["tags"] == {} and second.config["optimizer"]["betas"][0] == 0.9
+
+
+# ------------------------------------------------------------------------------------------------
+# Baselines and the report
+
+
+def test_partial_baseline_and_report_defaults(tmp_path):
+    spec = load(tmp_path, TWO_AXES + "baseline: {specialization: none}\n")
+    assert spec.report.baseline == {"specialization": "none"}
+    assert spec.report.compare == ["specialization", "framework"]
+    assert spec.report.metrics == ["linear_top1_cls", "knn_top1", "seg_miou", "depth_rmse"]
+    assert spec.tracking.experiment == "demo" and spec.output_dir == Path("runs/demo")
+
+
+def test_report_crossings_and_own_baseline(tmp_path):
+    spec = load(tmp_path, TWO_AXES, """
+        baseline: {specialization: none, framework: supervised}
+        report:
+          compare: [specialization, [specialization, framework]]
+          metrics: [seg_miou]
+          baseline: {specialization: none}
+        """)
+    assert spec.report.compare == ["specialization", ["specialization", "framework"]]
+    assert spec.report.baseline == {"specialization": "none"}
+    assert spec.baseline == {"specialization": "none", "framework": "supervised"}
+
+
+def test_baseline_must_be_a_zip_row(tmp_path):
+    with pytest.raises(SpecError, match=r"baseline: specialization=none, model.scale=tiny is not a cell"):
+        load(tmp_path, """
+            expand: zip
+            axes:
+              specialization: {key: model.specialization, values: {none: none, paper: paper}}
+              model.scale: [micro, tiny]
+            baseline: {specialization: none, model.scale: tiny}
+            """)
+
+
+# ------------------------------------------------------------------------------------------------
+# Identity across spellings and specs
+
+
+def test_equal_resolved_configs_get_equal_ids_across_specs(tmp_path):
+    preset = load_spec(write_spec(tmp_path, """
+        axes:
+          specialization: {key: model.specialization, values: {none: none, paper: paper}}
+        """, name="a.yaml"))
+    spelled_out = load_spec(write_spec(tmp_path, """
+        axes:
+          components:
+            key: model.specialization
+            values: {vanilla: "", recommended: "qkv@first_third, ls1, ls2, norm1, norm2, final_norm"}
+        """, name="b.yaml"))
+    in_base = load_spec(write_spec(tmp_path, """
+        axes:
+          optimizer.lr: [0.002]
+        """, name="c.yaml"), ["base.model.specialization=paper", "name=other_sweep"])
+    ids_a = {t.cell["specialization"]: t.trial_id for t in expand(preset, VERSION)}
+    ids_b = {t.cell["components"]: t.trial_id for t in expand(spelled_out, VERSION)}
+    (only_c,) = expand(in_base, VERSION)
+    assert ids_a == {"none": ids_b["vanilla"], "paper": ids_b["recommended"]}
+    # `paper` set in the base with the default lr written out as an axis: still the same trial.
+    assert only_c.trial_id == ids_a["paper"]
+    assert diff_plan(expand(in_base, VERSION), ids_a.values()).kept == [only_c]
+
+
+def test_ids_are_deterministic_and_follow_the_code_version(tmp_path):
+    path = write_spec(tmp_path, TWO_AXES + "seeds: [0, 1]\n")
+    first = expand(load_spec(path), VERSION)
+    again = expand(load_spec(path), VERSION)
+    assert [(t.trial_id, t.label) for t in first] == [(t.trial_id, t.label) for t in again]
+    assert {t.trial_id for t in expand(load_spec(path), "other-code")}.isdisjoint(t.trial_id for t in first)
+
+
+def test_expand_defaults_to_the_trainer_code_version(tmp_path):
+    from orchestrator.identity import code_version
+
+    spec = load(tmp_path, TWO_AXES)
+    assert [t.trial_id for t in expand(spec)] == [t.trial_id for t in expand(spec, code_version())]
+
+
+def test_spec_hash_follows_what_changes_trials_only(tmp_path):
+    spec = load(tmp_path, TWO_AXES)
+    same = load(tmp_path, TWO_AXES,
+                overrides=("base.schedule.batch_size=64", "backend.max_parallel=3", "report.metrics=[seg_miou]"))
+    assert spec_hash(spec) == spec_hash(same)  # a default written out, backend and report changes
+    assert spec_hash(load(tmp_path, TWO_AXES, overrides=("seeds=[0,1]",))) != spec_hash(spec)
+    assert spec_hash(load(tmp_path, TWO_AXES, overrides=("base.schedule.steps=50",))) != spec_hash(spec)
+    assert len(spec_hash(spec)) == 16
+
+
+# ------------------------------------------------------------------------------------------------
+# Overrides and loading errors
+
+
+def test_overrides_reach_any_key_and_apply_before_validation(tmp_path):
+    spec = load(tmp_path, TWO_AXES, overrides=(
+        "backend.max_parallel=4",
+        "base.schedule.steps=50",
+        "seeds=[0,1,2]",
+        "axes.specialization.values={none: none}",
+        "backend.kind=slurm",
+        "backend.options.partition=gpu",
+        "tracking.tracking_uri=sqlite:///tmp/x.db",
+        "baseline.specialization=none",
+    ))
+    assert spec.backend.max_parallel == 4 and spec.backend.kind == "slurm"
+    assert spec.backend.options == {"partition": "gpu"}
+    assert spec.seeds == [0, 1, 2] and spec.axis("specialization").value_names == ["none"]
+    assert spec.tracking.tracking_uri == "sqlite:///tmp/x.db"
+    assert spec.overrides[0] == "backend.max_parallel=4"
+    trials = expand(spec, VERSION)
+    assert len(trials) == 1 * 2 * 3 and trials[0].config["schedule"]["steps"] == 50
+
+
+def test_an_override_that_breaks_the_spec_is_blamed(tmp_path):
+    with pytest.raises(SpecError) as caught:
+        load(tmp_path, TWO_AXES, overrides=("base.schedule.steps=5",))
+    (error,) = caught.value.errors
+    assert "base.schedule: warmup_steps (10) must be smaller than steps (5)" in error
+    assert "(from --set base.schedule.steps=5)" in error
+
+
+@pytest.mark.parametrize("override, message", [
+    ("backend.max_paralel=2", "--set backend.max_paralel: unknown key 'max_paralel'"),
+    ("nonsense=1", "--set nonsense: unknown key 'nonsense'"),
+    ("base.model.sclae=tiny", "--set base.model.sclae: unknown key 'sclae' in model"),
+    ("backend.resources.gpus=1", "--set backend.resources.gpus: unknown key 'gpus'"),
+    ("baseline.scale=micro", "--set baseline.scale: unknown axis 'scale'"),
+    ("no_equals_sign", "--set no_equals_sign: expected KEY=VALUE"),
+])
+def test_override_of_unknown_key_names_it(tmp_path, override, message):
+    with pytest.raises(SpecError, match="spec.yaml: " + message.replace("(", r"\(").replace(")", r"\)")):
+        load(tmp_path, TWO_AXES, overrides=(override,))
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(SpecError, match=r"nowhere\.yaml: <file>: no such sweep spec file"):
+        load_spec(tmp_path / "nowhere.yaml")
+
+
+def test_spec_error_is_a_value_error_listing_every_problem(tmp_path):
+    with pytest.raises(ValueError) as caught:
+        load(tmp_path, TWO_AXES + "seeds: []\nexpand: diagonal\n")
+    assert isinstance(caught.value, SpecError) and len(caught.value.errors) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# The shipped sweeps
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").rglob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweeps_load_and_expand(path):
+    spec = load_spec(path)
+    trials = expand(spec, VERSION)
+    assert trials and len({t.trial_id for t in trials}) == len(trials)
+    if "paper" in path.parts:
+        assert spec.backend.kind == "slurm" and spec.backend.options["profile"] == "slurm/profiles/default.yaml"
+        assert all(t.config["data"]["dataset"] == "folders" for t in trials)
+        assert trials[0].config["data"]["classification_root"] == "/datasets/imagenet"
+    else:
+        assert spec.backend.kind == "local" and spec.backend.max_parallel == 2
+
+
+def test_default_sweep_compares_the_component_sets():
+    spec = load_spec(REPO / "sweeps" / "component_ablation.yaml")
+    assert spec.axis("specialization").value_names == [
+        "none", "norms", "qkv", "paper", "norms_qkv_all", "paper_proj", "layerscale", "paper_mlp", "all",
+    ]
+    assert spec.baseline == {"specialization": "none"} and spec.report.compare == ["specialization"]
+    assert spec.seeds == [0, 1] and len(expand(spec, VERSION)) == 18
+
+
+# ------------------------------------------------------------------------------------------------
+# Plan diff
+
+
+def test_diff_plan_splits_new_kept_and_gone(tmp_path):
+    trials = expand(load(tmp_path, TWO_AXES), VERSION)
+    on_disk = [trials[4].trial_id, "0123456789abcdef", trials[1].trial_id, trials[1].trial_id]
+    diff = diff_plan(trials, on_disk)
+    assert diff.kept == [trials[1], trials[4]]  # in the spec's order
+    assert diff.new == [t for i, t in enumerate(trials) if i not in (1, 4)]
+    assert diff.gone == ["0123456789abcdef"]
+    assert diff.summary() == "4 new, 2 kept, 1 gone"
+    assert diff_plan(trials, []).new == trials
