@@ -1,0 +1,205 @@
+"""Frozen-backbone features, extracted once per dataset, and the plumbing every probe shares.
+
+One forward pass per image gives all we need: the [CLS] token and the patch grid after the final
+norm (timm's `forward_intermediates` on the last block, with `norm=True`, equals `forward_features`).
+Probes then train for many epochs over these cached tensors, never touching the backbone again.
+A `FeatureCache` shared by the tasks of one evaluation runs each distinct image batch only once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+
+@dataclass
+class Features:
+    cls: Tensor  # N x C: [CLS] after the final norm
+    mean_patch: Tensor  # N x C: mean of the patch tokens (registers excluded)
+    patch_grid: Tensor | None  # N x C x h x w, only when extracted with dense=True
+    targets: Tensor  # the dataset's second item, stacked: labels (N), masks or depths (N x H x W)
+
+    def __len__(self) -> int:
+        return self.cls.shape[0]
+
+
+def subset_indices(size: int, max_samples: int | None, seed: int = 0) -> list[int]:
+    """A fixed random subset (not the first N: folder datasets are sorted by class)."""
+    if max_samples is None or max_samples >= size:
+        return list(range(size))
+    chosen = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:max_samples]
+    return sorted(chosen.tolist())
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _compact(targets: Tensor) -> Tensor:
+    """Store dense integer masks as uint8 when they fit (255 = ignore): 8x less memory than int64."""
+    if targets.dim() > 1 and not targets.is_floating_point() and targets.numel():
+        if targets.min() >= 0 and targets.max() <= 255:
+            return targets.to(torch.uint8)
+    return targets
+
+
+def backbone_tokens(backbone: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """([CLS] B x C, patch grid B x C x h x w), both after the final norm."""
+    last = len(backbone.blocks) - 1
+    (grid, prefix), = backbone.forward_intermediates(
+        images, indices=[last], norm=True, output_fmt="NCHW", return_prefix_tokens=True, intermediates_only=True
+    )
+    return prefix[:, 0], grid
+
+
+def _batch_key(images: Tensor) -> bytes:
+    digest = hashlib.blake2b(f"{tuple(images.shape)}{images.dtype}".encode(), digest_size=16)
+    digest.update(images.contiguous().view(torch.uint8).numpy())
+    return digest.digest()
+
+
+class FeatureCache:
+    """Finished feature sets, found again by the hash of each image batch (exact, not by dataset
+    name): the built-in scenes data serve classification, segmentation and depth from the same
+    images, so the backbone runs over them once. Holds the feature sets alive: one per evaluation."""
+
+    def __init__(self) -> None:
+        self._batches: dict[bytes, tuple[Features, int, int]] = {}
+
+    def find(self, key: bytes, dense: bool) -> tuple[Features, int, int] | None:
+        hit = self._batches.get(key)
+        return hit if hit is not None and (hit[0].patch_grid is not None or not dense) else None
+
+    def add(self, features: Features, batches: list[tuple[bytes, int, int]]) -> None:
+        for key, start, stop in batches:
+            self._batches[key] = (features, start, stop)
+
+
+def _whole(hits: list[tuple[Features, int, int] | None]) -> Features | None:
+    """The earlier feature set when the batches are exactly all of it, in order: shared, not copied."""
+    if not hits or any(h is None for h in hits):
+        return None
+    source, position = hits[0][0], 0
+    for features, start, stop in hits:
+        if features is not source or start != position:
+            return None
+        position = stop
+    return source if position == len(source) else None
+
+
+def extract_features(
+    backbone: nn.Module,
+    dataset: Dataset,
+    device: torch.device | str,
+    *,
+    max_samples: int | None = None,
+    dense: bool = False,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    amp: bool = True,
+    seed: int = 0,
+    cache: FeatureCache | None = None,
+) -> Features:
+    """Runs the frozen backbone over (a fixed subset of) `dataset`; features land on the CPU in fp32.
+
+    `amp` uses bf16 autocast on CUDA only. The caller puts the backbone in eval mode.
+    """
+    device = torch.device(device)
+    indices = subset_indices(len(dataset), max_samples, seed)
+    # Its own generator: even an unshuffled loader draws a worker base seed from the global RNG.
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(seed))
+    cls_parts, mean_parts, grid_parts, target_parts = [], [], [], []
+    hits, batches, position = [], [], 0
+    for images, targets in loader:
+        key = _batch_key(images) if cache is not None else b""
+        hit = cache.find(key, dense) if cache is not None else None
+        if hit is not None:
+            source, start, stop = hit
+            cls, mean = source.cls[start:stop], source.mean_patch[start:stop]
+            grid = source.patch_grid[start:stop] if dense else None
+        else:
+            with torch.inference_mode(), _autocast(device, amp):
+                cls, grid = backbone_tokens(backbone, images.to(device, non_blocking=True))
+            # Cloned outside inference mode: inference tensors cannot be saved for a probe's backward.
+            cls, mean = cls.float().cpu().clone(), grid.float().mean(dim=(2, 3)).cpu().clone()
+            grid = grid.float().cpu().clone() if dense else None
+        hits.append(hit)
+        batches.append((key, position, position + len(images)))
+        position += len(images)
+        cls_parts.append(cls)
+        mean_parts.append(mean)
+        grid_parts.append(grid)
+        target_parts.append(torch.as_tensor(targets))
+    if not cls_parts:
+        raise ValueError("cannot extract features from an empty dataset")
+    targets = _compact(torch.cat(target_parts))
+    if (same := _whole(hits)) is not None:
+        return Features(same.cls, same.mean_patch, same.patch_grid if dense else None, targets)
+    features = Features(
+        cls=torch.cat(cls_parts),
+        mean_patch=torch.cat(mean_parts),
+        patch_grid=torch.cat(grid_parts) if dense else None,
+        targets=targets,
+    )
+    if cache is not None:
+        cache.add(features, batches)
+    return features
+
+
+class Standardizer:
+    """Per-channel z-scoring with train statistics: a fixed BatchNorm in front of the linear probe,
+    so one learning rate suits backbones whose output norms scale dimensions very differently."""
+
+    def __init__(self, train: Tensor, channel_dim: int = 1, eps: float = 1e-6) -> None:
+        reduce = [d for d in range(train.dim()) if d != channel_dim]
+        shape = [1] * train.dim()
+        shape[channel_dim] = train.shape[channel_dim]
+        self.mean = train.mean(dim=reduce).reshape(shape)
+        self.std = train.std(dim=reduce, correction=0).reshape(shape).clamp_min(eps)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+def fit_probe(
+    head: nn.Module,
+    num_samples: int,
+    batch_loss: Callable[[Tensor], Tensor],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int = 0,
+    weight_decay: float = 1e-4,
+) -> nn.Module:
+    """AdamW over shuffled minibatches with a per-step cosine decay from `lr` to 0.
+
+    `batch_loss(indices)` returns the loss of the samples at `indices` (a CPU LongTensor). The
+    shuffling uses its own seeded generator, so the global RNG is neither read nor advanced.
+    """
+    head.train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    total_steps = epochs * math.ceil(num_samples / batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    for _ in range(epochs):
+        for indices in torch.randperm(num_samples, generator=generator).split(batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total_steps))
+            loss = batch_loss(indices)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    head.eval()
+    return head
