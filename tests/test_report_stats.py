@@ -1,0 +1,129 @@
+"""The report's statistics against values computed by hand (t quantiles from a printed table)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from orchestrator.report.stats import (
+    best_indices,
+    finite,
+    mean_with_ci,
+    paired_delta,
+    paired_differences,
+    relative_change,
+    sample_std,
+    summarize,
+    t_quantile,
+)
+
+# Two-sided 95% critical values of Student's t, as printed in any statistics table.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262}
+
+
+@pytest.mark.parametrize("dof,expected", sorted(T_975.items()))
+def test_t_quantile_matches_the_printed_table(dof, expected):
+    assert t_quantile(0.95, dof) == pytest.approx(expected, abs=5e-4)
+
+
+def test_t_quantile_needs_a_degree_of_freedom():
+    with pytest.raises(ValueError):
+        t_quantile(0.95, 0)
+
+
+def test_summary_is_mean_and_sample_std():
+    # [1, 2, 4]: mean 7/3; squared deviations 16/9 + 1/9 + 25/9 = 42/9; / (n-1) = 7/3; sqrt = 1.5275
+    s = summarize([1.0, 2.0, 4.0])
+    assert s.n == 3
+    assert s.mean == pytest.approx(7 / 3)
+    assert s.std == pytest.approx(math.sqrt(7 / 3))
+    assert s.std == pytest.approx(1.5275, abs=1e-4)
+
+
+def test_summary_of_one_value_has_no_std_and_of_none_has_no_mean():
+    assert summarize([0.5]) == summarize([0.5, None, float("nan")])
+    one = summarize([0.5])
+    assert (one.mean, one.std, one.n) == (0.5, None, 1)
+    empty = summarize([])
+    assert (empty.mean, empty.std, empty.n) == (None, None, 0)
+    assert sample_std([3.0]) is None
+
+
+def test_non_finite_values_are_not_measurements():
+    assert finite([1.0, None, float("nan"), float("inf"), 2]) == [1.0, 2.0]
+
+
+def test_paired_delta_uses_same_seed_differences_and_t_interval():
+    variant = {0: 10.0, 1: 12.0, 2: 11.0}
+    reference = {0: 9.0, 1: 10.0, 2: 10.5}
+    # differences [1, 2, 0.5]: mean 3.5/3 = 1.1667
+    # squared deviations 1/36 + 25/36 + 16/36 = 42/36; / 2 = 0.58333; s = 0.76376; s/sqrt(3) = 0.44096
+    # half width = 4.303 * 0.44096 = 1.8975 -> [-0.7308, 3.0641], includes 0
+    d = paired_delta(variant, reference)
+    assert d.n == 3
+    assert d.mean == pytest.approx(1.16667, abs=1e-5)
+    assert d.low == pytest.approx(1.16667 - 1.8975, abs=1e-3)
+    assert d.high == pytest.approx(1.16667 + 1.8975, abs=1e-3)
+    assert d.significant is False
+
+
+def test_paired_delta_is_significant_when_the_interval_excludes_zero():
+    # differences [2.0, 2.2, 1.8]: mean 2.0, s = 0.2, s/sqrt(3) = 0.11547, half width 4.303 * 0.11547 = 0.49686
+    d = paired_delta({0: 3.0, 1: 3.2, 2: 2.8}, {0: 1.0, 1: 1.0, 2: 1.0})
+    assert d.mean == pytest.approx(2.0)
+    assert (d.low, d.high) == (pytest.approx(1.50314, abs=1e-3), pytest.approx(2.49686, abs=1e-3))
+    assert d.significant is True
+    drop = paired_delta({0: 1.0, 1: 1.0, 2: 1.0}, {0: 3.0, 1: 3.2, 2: 2.8})
+    assert drop.significant is True and drop.high == pytest.approx(-1.50314, abs=1e-3)
+
+
+def test_pairing_removes_the_shared_seed_offset():
+    # Unpaired, seeds 0..2 differ by 10 points; the variant is always exactly +1: zero-width interval.
+    variant = {0: 11.0, 1: 21.0, 2: 31.0}
+    reference = {0: 10.0, 1: 20.0, 2: 30.0}
+    d = paired_delta(variant, reference)
+    assert d.mean == pytest.approx(1.0)
+    assert d.low == pytest.approx(1.0) and d.high == pytest.approx(1.0)
+    assert d.significant is True
+
+
+def test_two_pairs_use_one_degree_of_freedom():
+    # differences [1, 3]: mean 2, s = sqrt(2), s/sqrt(2) = 1, half width 12.706
+    d = paired_delta({0: 1.0, 1: 3.0}, {0: 0.0, 1: 0.0})
+    assert d.n == 2
+    assert (d.low, d.high) == (pytest.approx(2 - 12.706, abs=1e-3), pytest.approx(2 + 12.706, abs=1e-3))
+
+
+def test_one_pair_gives_no_interval_and_unknown_significance():
+    d = paired_delta({0: 5.0, 1: 7.0}, {0: 4.0})
+    assert d.n == 1 and d.mean == pytest.approx(1.0)
+    assert d.low is None and d.high is None and not d.has_ci
+    assert d.significant is None  # "unknown", not "not significant"
+
+
+def test_only_common_finite_seeds_are_paired():
+    variant = {0: 1.0, 1: 2.0, 2: float("nan"), 3: 4.0}
+    reference = {1: 1.5, 2: 1.0, 3: 3.0, 4: 9.0}
+    assert paired_differences(variant, reference) == {1: 0.5, 3: 1.0}
+    assert paired_delta({0: 1.0}, {1: 1.0}).n == 0
+    assert paired_delta({0: 1.0}, {1: 1.0}).mean is None
+
+
+def test_mean_with_ci_at_other_confidence():
+    # [1, 2, 3, 4, 5]: mean 3, s = sqrt(2.5) = 1.5811, s/sqrt(5) = 0.70711; t_{0.95, 4} = 2.132 (90% two-sided)
+    d = mean_with_ci([1, 2, 3, 4, 5], confidence=0.90)
+    assert d.high - d.mean == pytest.approx(2.132 * 0.70711, abs=1e-3)
+
+
+def test_best_index_is_direction_aware_and_keeps_ties():
+    assert best_indices([0.30, 0.33, 0.31], higher_is_better=True) == {1}
+    assert best_indices([0.52, 0.49, 0.50], higher_is_better=False) == {1}
+    assert best_indices([0.5, None, 0.5], higher_is_better=True) == {0, 2}
+    assert best_indices([None, None], higher_is_better=True) == set()
+
+
+def test_relative_change():
+    assert relative_change(108.23, 100.0) == pytest.approx(0.0823)
+    assert relative_change(1.0, 0.0) is None
+    assert relative_change(None, 1.0) is None
