@@ -77,10 +77,15 @@ class Tracker:
         uri = self.cfg.tracking_uri or default_tracking_uri()
         self.client = MlflowClient(tracking_uri=uri)
         run_file = self.out_dir / RUN_ID_FILE
-        known = run_file.read_text().strip() if run_file.exists() else self.cfg.run_id
+        # The orchestrator's run id wins: trial folders are shared by sweeps, each with its own runs.
+        known = self.cfg.run_id or (run_file.read_text().strip() if run_file.exists() else None)
         if known:
             self.run_id = known
             self._call("resume", lambda: self.client.update_run(known, status="RUNNING"))
+            if not run_file.exists() or run_file.read_text().strip() != known:
+                from trainer.io import write_text_atomic
+
+                write_text_atomic(run_file, known)
             return known
 
         experiment_id = self._call("experiment", lambda: self._experiment_id(self.cfg.experiment, uri))
