@@ -436,16 +436,11 @@ def sweep_output_dir(spec: SweepSpec, paths: ProjectPaths) -> Path:
     return paths.resolve(spec.output_dir)
 
 
-# Report files of shipped sweeps whose name differs from the sweep's (what the README promises).
-SHIPPED_REPORT_FILES = {"component_ablation": "ablation.md"}
-
-
 def report_output(spec: SweepSpec, paths: ProjectPaths) -> Path:
     """`report.output` from the spec when it has one, else reports/<sweep name>.md."""
-    output = getattr(getattr(spec, "report", None), "output", None)
-    if output:
-        return paths.resolve(output)
-    return paths.reports_dir / SHIPPED_REPORT_FILES.get(spec.name, f"{spec.name}.md")
+    if spec.report.output:
+        return paths.resolve(spec.report.output)
+    return paths.reports_dir / f"{spec.name}.md"
 
 
 def build_sweep_report(spec: SweepSpec, paths: ProjectPaths, console: Console | None = None, *,

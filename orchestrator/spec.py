@@ -285,6 +285,7 @@ class ReportSpec(_Frozen):
     compare: list[str | list[str]] = Field(default_factory=list, description="default: every axis alone")
     metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS))
     baseline: dict[str, str] | None = Field(None, description="default: the top-level baseline")
+    output: Path | None = Field(None, description="report path, relative to the project root (default: reports/<name>.md)")
 
 
 class SweepSpec(_Frozen):

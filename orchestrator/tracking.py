@@ -31,6 +31,8 @@ import yaml
 
 from orchestrator.backends.base import read_result
 
+from trainer.tracking import flatten  # the trainer logs params flattened the same way
+
 if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
@@ -108,17 +110,6 @@ def _is_transient_store_error(err: Exception) -> bool:
     code = getattr(err, "error_code", "")
     return (code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR") or "locked" in text or "timed out" in text
             or "connection" in text or "max retries" in text)
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def metric_name(key: str) -> str:

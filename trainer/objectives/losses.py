@@ -89,12 +89,9 @@ def _cross_entropy(teacher_probs: Tensor, student_log_probs: Tensor) -> Tensor:
     return -(teacher_probs * student_log_probs).sum(dim=-1)
 
 
-class DINOLoss(nn.Module):
-    """DINO's self-distillation loss on the [CLS] prototype scores.
-
-    Every student crop is matched to every teacher (global) crop of another view; the result is
-    the mean over those (student crop, teacher crop) pairs of the batch-mean cross-entropy.
-    """
+class _DistillationLoss(nn.Module):
+    """Shared by the DINO and iBOT losses: a student temperature and the teacher's target maker
+    (centering or Sinkhorn-Knopp), whose state (the center) is saved in checkpoints."""
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, centering: Centering = "sinkhorn_knopp",
                  center_momentum: float = 0.9) -> None:
@@ -103,8 +100,17 @@ class DINOLoss(nn.Module):
         self.teacher_targets = TeacherTargets(out_dim, centering, center_momentum)
 
     def teacher_probabilities(self, teacher_logits: Tensor, temp: float) -> Tensor:
-        """All global crops' teacher logits at once (V*B x K): centering/SK sees the whole batch."""
+        """Teacher logits (all global crops' [CLS] for DINO, the masked patches for iBOT) to targets;
+        centering / SK sees the whole batch at once."""
         return self.teacher_targets(teacher_logits, temp)
+
+
+class DINOLoss(_DistillationLoss):
+    """DINO's self-distillation loss on the [CLS] prototype scores.
+
+    Every student crop is matched to every teacher (global) crop of another view; the result is
+    the mean over those (student crop, teacher crop) pairs of the batch-mean cross-entropy.
+    """
 
     def forward(self, student_logits: Sequence[Tensor], teacher_probs: Sequence[Tensor]) -> Tensor:
         """student_logits: one B x K tensor per crop, global crops first in the teacher's order;
@@ -123,23 +129,13 @@ class DINOLoss(nn.Module):
         return total / pairs
 
 
-class iBOTPatchLoss(nn.Module):  # noqa: N801 - the method's own spelling
+class iBOTPatchLoss(_DistillationLoss):  # noqa: N801 - the method's own spelling
     """iBOT's masked-image-modeling loss: the student predicts, at each masked patch, the teacher's
     prototype distribution for the unmasked patch.
 
     Averaged per image over its masked patches, then over all images as DINOv2 does: the divisor
     counts every image, so an image without masks contributes zero.
     """
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, centering: Centering = "sinkhorn_knopp",
-                 center_momentum: float = 0.9) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.teacher_targets = TeacherTargets(out_dim, centering, center_momentum)
-
-    def teacher_probabilities(self, teacher_logits: Tensor, temp: float) -> Tensor:
-        """Teacher logits of the masked patches only (M x K)."""
-        return self.teacher_targets(teacher_logits, temp)
 
     def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor) -> Tensor:
         """student_logits, teacher_probs: M x K, the masked patches in `masks[masks]` order;
