@@ -354,7 +354,7 @@ def test_shipped_sweeps_load_and_expand(path):
 def test_default_sweep_compares_the_component_sets():
     spec = load_spec(REPO / "sweeps" / "component_ablation.yaml")
     assert spec.axis("specialization").value_names == [
-        "none", "norms", "qkv", "paper", "norms_qkv_all", "paper_proj", "layerscale", "paper_mlp", "all",
+        "none", "norms", "qkv", "norms_qkv", "paper", "norms_qkv_all", "paper_proj", "paper_mlp", "all",
     ]
     assert spec.baseline == {"specialization": "none"} and spec.report.compare == ["specialization"]
     assert spec.seeds == [0, 1] and len(expand(spec, VERSION)) == 18
