@@ -81,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = _console()
     errors = Console(stderr=True, highlight=False)
+    from orchestrator.backends import BackendError
     from orchestrator.ledger import ProjectPaths, SweepAlreadyRunning
     from orchestrator.spec import SpecError, load_spec
 
@@ -98,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SweepAlreadyRunning as err:
         errors.print(f"[red]error:[/] {escape(str(err))}")
         return EXIT_BUSY
+    except BackendError as err:  # e.g. an unreachable cluster: a message, not a traceback
+        errors.print(f"[red]error:[/] {escape(str(err))}")
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 

@@ -113,6 +113,9 @@ class SweepRunner:
             parent = self.tracker.start(self.ledger.meta.get("parent_run_id"))
             self.ledger.meta["parent_run_id"] = parent
             self.ledger.save()
+        connect = getattr(self.backend, "connect", None)
+        if connect is not None:  # fail once, clearly, when a cluster is unreachable
+            connect()
         self._recover_running()
         self._enqueue_plan()
         interrupted = False
@@ -150,6 +153,10 @@ class SweepRunner:
                 handle = self.backend.reattach(record.job)
             if handle is not None and record.in_plan:
                 self._in_flight[record.trial_id] = handle
+                # Jobs on other machines (Ray) cannot inherit the claim lock: hold it here again.
+                claim = TrialClaim.try_acquire(self._run_dir(record.trial_id), self.sweep)
+                if claim is not None:
+                    self._claims[record.trial_id] = claim
                 self.ledger.update(record.trial_id, note=f"reattached by orchestrator pid {os.getpid()}")
                 self._event("reattached", record.label, f"job {handle.job_id}")
                 continue

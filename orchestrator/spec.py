@@ -262,6 +262,9 @@ class SlurmOptions(_CommonOptions):
 
 class RayOptions(_CommonOptions):
     address: str | None = Field(None, description="ray cluster address; default: start a local one")
+    namespace: str | None = Field(None, description="Ray namespace of the trials' detached actors (default cls_ablation)")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (no address); default: all cores")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local cluster; default: detected")
 
 
 BACKEND_OPTIONS: dict[str, type[BaseModel]] = {"local": LocalOptions, "slurm": SlurmOptions, "ray": RayOptions}
@@ -977,7 +980,12 @@ def _parse_report(
     elif len(set(metrics)) != len(metrics):
         problems.add(path + ("metrics",), "duplicate metric names")
     report_baseline = _check_cell(raw.get("baseline"), path + ("baseline",), declared, by_name, problems)
-    return ReportSpec(compare=checked, metrics=metrics, baseline=report_baseline or baseline)
+    output = raw.get("output")
+    if output is not None and not (isinstance(output, str) and output.endswith(".md")):
+        problems.add(path + ("output",), f"expected the path of a Markdown file, e.g. reports/ablation.md, got {output!r}")
+        output = None
+    return ReportSpec(compare=checked, metrics=metrics, baseline=report_baseline or baseline,
+                      output=Path(output) if output else None)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ def main() -> int:
     parser.add_argument("--experiment", default="component_ablation")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "mlflow_ui.png")
     parser.add_argument("--window-size", default="1600,1000")
+    parser.add_argument("--view", default="runs", help="page of the experiment: runs (the runs table), chart-view, ...")
     args = parser.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
@@ -67,9 +68,9 @@ def main() -> int:
                             "--disable-background-networking", "--disable-component-update", "--disable-sync",
                             f"--user-data-dir={profile}", "--hide-scrollbars", f"--window-size={args.window_size}",
                             "--virtual-time-budget=20000", f"--screenshot={args.out.resolve()}",
-                            f"{base}/#/experiments/{experiment_id}"],
+                            f"{base}/#/experiments/{experiment_id}/{args.view}"],
                            check=True, capture_output=True, timeout=180)
-        print(f"wrote {args.out} ({base}/#/experiments/{experiment_id})")
+        print(f"wrote {args.out} ({base}/#/experiments/{experiment_id}/{args.view})")
     finally:
         server.terminate()
         try:

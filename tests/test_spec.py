@@ -373,3 +373,8 @@ def test_diff_plan_splits_new_kept_and_gone(tmp_path):
     assert diff.gone == ["0123456789abcdef"]
     assert diff.summary() == "4 new, 2 kept, 1 gone"
     assert diff_plan(trials, []).new == trials
+
+
+def test_report_output_is_read_from_the_spec():
+    spec = load_spec(REPO / "sweeps" / "component_ablation.yaml")
+    assert spec.report.output == Path("reports/ablation.md")
