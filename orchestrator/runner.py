@@ -235,15 +235,38 @@ class SweepRunner:
 
     def _launch_ready(self) -> int:
         now = time.time()
-        launched = 0
+        batch: list[tuple[TrialPlan, Path, TrialClaim, str | None]] = []
         for _ in range(len(self._queue)):
-            if self.backend.free_slots <= 0 or self._stop.is_set():
+            if self.backend.free_slots - len(batch) <= 0 or self._stop.is_set():
                 break
             item = self._queue.popleft()
             if item.not_before > now:
                 self._queue.append(item)
                 continue
-            self._launch(item.trial)
+            prepared = self._prepare_launch(item.trial)
+            if prepared is not None:
+                batch.append(prepared)
+        if not batch:
+            return 0
+        submit_many = getattr(self.backend, "submit_many", None)
+        if submit_many is not None and len(batch) > 1:  # one job array instead of N jobs
+            try:
+                handles = submit_many([(trial, run_dir) for trial, run_dir, _, _ in batch])
+            except Exception as err:
+                for trial, _, claim, _ in batch:
+                    self._submit_failed(trial, claim, err)
+                return 0
+            for (trial, run_dir, claim, child_run_id), handle in zip(batch, handles):
+                self._started(trial, run_dir, claim, child_run_id, handle)
+            return len(batch)
+        launched = 0
+        for trial, run_dir, claim, child_run_id in batch:
+            try:
+                handle = self.backend.submit(trial, run_dir, keep_fds=[claim.fd])
+            except Exception as err:
+                self._submit_failed(trial, claim, err)
+                continue
+            self._started(trial, run_dir, claim, child_run_id, handle)
             launched += 1
         return launched
 
@@ -254,7 +277,8 @@ class SweepRunner:
                 if not self._adopt_finished_result(trial):
                     self._queue.appendleft(_Queued(trial))
 
-    def _launch(self, trial: TrialPlan) -> None:
+    def _prepare_launch(self, trial: TrialPlan) -> tuple[TrialPlan, Path, TrialClaim, str | None] | None:
+        """Claim the trial's run dir and write its config; None when it must not be launched now."""
         tid = trial.trial_id
         run_dir = self._run_dir(tid)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -265,24 +289,28 @@ class SweepRunner:
             self.ledger.update(tid, note=note)
             self._waiting[tid] = trial
             self._event("waiting", trial.label, note)
-            return
+            return None
         if self._adopt_finished_result(trial):  # finished while we waited for the claim
             claim.release()
-            return
+            return None
         self._archive_stale_result(run_dir, self.ledger.trials[tid].attempts)
         child_run_id = None
         if self.tracker is not None:
             child = self.tracker.find_child(tid)
             child_run_id = child.info.run_id if child is not None else None
         self._write_config(trial, run_dir, child_run_id)
-        try:
-            handle = self.backend.submit(trial, run_dir, keep_fds=[claim.fd])
-        except Exception as err:
-            claim.release()
-            self.ledger.update(tid, state="failed", failure_class="error", error=f"submit failed: {err}",
-                               failures=self.ledger.trials[tid].failures + 1, ended_at=time.time())
-            self._event("failed", trial.label, f"submit failed: {err}")
-            return
+        return trial, run_dir, claim, child_run_id
+
+    def _submit_failed(self, trial: TrialPlan, claim: TrialClaim, err: Exception) -> None:
+        tid = trial.trial_id
+        claim.release()
+        self.ledger.update(tid, state="failed", failure_class="error", error=f"submit failed: {err}",
+                           failures=self.ledger.trials[tid].failures + 1, ended_at=time.time())
+        self._event("failed", trial.label, f"submit failed: {err}")
+
+    def _started(self, trial: TrialPlan, run_dir: Path, claim: TrialClaim, child_run_id: str | None,
+                 handle: JobHandle) -> None:
+        tid = trial.trial_id
         self._claims[tid] = claim
         self._in_flight[tid] = handle
         self.ledger.mark_running(tid, handle.to_dict(), run_dir, handle.log_path, child_run_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -236,3 +237,28 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     # Same global samples per step, gradients averaged across the two halves: same weights.
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """Preemption may reach ranks at different steps: they agree to stop, nobody hangs."""
+    data = tiny_config(tmp_path, schedule={"steps": 400, "checkpoint_every": 200, "log_every": 2})
+    data["tracking"]["enabled"] = False
+    config = write_config(tmp_path, data)
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "trainer", "--config", str(config), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in proc.stdout:
+        if "step 4/400" in line:
+            break
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[1]), signal.SIGTERM)  # rank 1 only
+    output = proc.communicate(timeout=180)[0]
+    state = torch.load(out / CHECKPOINT, weights_only=False)["state"]
+    assert 4 <= state["step"] < 200, output[-2000:]
+    stops = re.findall(r"stopped by (signal 15|a signal to another process) at step (\d+)", output)
+    assert sorted(cause for cause, _ in stops) == ["a signal to another process", "signal 15"], output[-2000:]
+    assert {int(step) for _, step in stops} == {state["step"]}

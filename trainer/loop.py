@@ -150,7 +150,8 @@ class Trial:
             result = self._train_and_evaluate(runtime, tracker, state)
             tracker.finish("FINISHED")
         except Interrupted:
-            self.log(f"stopped by signal {self._stop_signal} at step {state.step}; checkpoint saved, run again to resume")
+            cause = f"signal {self._stop_signal}" if self._stop_signal else "a signal to another process"
+            self.log(f"stopped by {cause} at step {state.step}; checkpoint saved, run again to resume")
             tracker.finish("KILLED")
             raise
         except BaseException as err:
@@ -253,13 +254,14 @@ class Trial:
                 state.last_metrics = {k: float(v.detach()) for k, v in losses.items()}
                 if state.step % sched.log_every == 0 or state.step == sched.steps:
                     self._log_progress(state, started, lr, tracker)
-                if state.step % sched.checkpoint_every == 0 or state.step == sched.steps or self._stop_signal:
+                stop = runtime.any_process(self._stop_signal is not None)
+                if state.step % sched.checkpoint_every == 0 or state.step == sched.steps or stop:
                     state.wall_time_s += time.perf_counter() - started
                     started = time.perf_counter()
                     if runtime.is_main:
                         save_checkpoint(checkpoint, meta_arch, optimizer, state)
                     runtime.barrier()
-                if self._stop_signal:
+                if stop:
                     raise Interrupted()
                 if state.step >= sched.steps:
                     break

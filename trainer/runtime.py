@@ -38,6 +38,15 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
+    def any_process(self, flag: bool) -> bool:
+        """True on every process when it is True on any: processes that saw a stop signal at
+        different steps would otherwise wait for each other forever (checkpoint vs gradient sync)."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
 
 def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     """Resolve `auto` settings and join the process group when torchrun/submitit set WORLD_SIZE."""
