@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from timm.layers import LayerScale
 from torch import nn
 
@@ -32,17 +31,12 @@ class TokenTypeSplit(nn.Module):
         return f"num_prefix_tokens={self.num_prefix_tokens}"
 
 
-def per_token(prefix_param: torch.Tensor, patch_param: torch.Tensor, num_prefix: int, num_tokens: int) -> torch.Tensor:
-    """A (num_tokens, C) parameter: row i is prefix_param for i < num_prefix, else patch_param.
-
-    Only the parameter is expanded (batch-independent), the token sequence is never copied.
-    """
-    c = patch_param.shape[-1]
-    return torch.cat((prefix_param.expand(num_prefix, c), patch_param.expand(num_tokens - num_prefix, c)))
-
-
 class TokenTypeLayerNorm(TokenTypeSplit):
-    """One normalization over all tokens, then a per-token-type affine."""
+    """One normalization over all tokens with the patch affine (timm's fused kernel), then the few
+    prefix rows get their own affine, written in place: the sequence is never split or copied.
+
+    In place is safe for autograd: layer_norm's backward keeps its input, not its output.
+    """
 
     def __init__(self, norm: nn.LayerNorm, num_prefix_tokens: int) -> None:
         if not (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine):
@@ -50,14 +44,10 @@ class TokenTypeLayerNorm(TokenTypeSplit):
         super().__init__(norm, num_prefix_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = self.patch
-        y = F.layer_norm(x, norm.normalized_shape, None, None, norm.eps)
-        n = x.shape[-2]
-        weight = per_token(self.prefix.weight, norm.weight, self.num_prefix_tokens, n)
-        if norm.bias is None:
-            return y * weight
-        bias = per_token(self.prefix.bias, norm.bias, self.num_prefix_tokens, n)
-        return torch.addcmul(bias, y, weight)
+        p = self.num_prefix_tokens
+        out = self.patch(x)
+        out[:, :p] = self.prefix(x[:, :p])
+        return out
 
 
 class TokenTypeLayerScale(TokenTypeSplit):
@@ -65,8 +55,10 @@ class TokenTypeLayerScale(TokenTypeSplit):
         super().__init__(layer_scale, num_prefix_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gamma = per_token(self.prefix.gamma, self.patch.gamma, self.num_prefix_tokens, x.shape[-2])
-        return x * gamma
+        p = self.num_prefix_tokens
+        out = x * self.patch.gamma  # a new tensor: mul keeps its inputs for backward, not its output
+        out[:, :p] = x[:, :p] * self.prefix.gamma
+        return out
 
 
 class TokenTypeLinear(TokenTypeSplit):
