@@ -1,8 +1,10 @@
 """Throughput of `python -m trainer` vs a minimal hand-written timm training loop, in one run.
 
-Both train the same model with the same batch size, optimizer and loss; the trainer also runs its
-data pipeline (scenes + 3-Augment), logging and checkpoints. The two are interleaved over
-repeats and each repeat's ratio is trainer / hand-written. Last line: one JSON object.
+Both train the same model on the same data (scenes + 3-Augment through a plain DataLoader in the
+hand-written loop) with the same batch size, optimizer and loss, so the ratio is the trainer's own
+overhead: scheduling, resumable sampling, logging, checkpoints. A third column runs the loop on
+one fixed random batch (no data pipeline) to show what augmentation itself costs. The runs are
+interleaved over repeats; each repeat's ratio is trainer / hand-written. Last line: one JSON object.
 
     python benchmarks/trainer_overhead.py --scale micro --batch-size 64 --steps 60
 """
@@ -27,19 +29,41 @@ import trainer.models as tm
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def hand_written_loop(scale: str, specialization: str, batch_size: int, steps: int, threads: int) -> float:
-    """img/s of the simplest correct training loop on random tensors (steps after the first 2)."""
+def trial_config(scale: str, specialization: str, batch_size: int, steps: int, threads: int) -> dict:
+    return {
+        "model": {"scale": scale, "specialization": specialization},
+        "data": {"scenes": {"train_size": max(1024, batch_size * 8), "num_classes": 4}},
+        "schedule": {"steps": steps, "batch_size": batch_size, "warmup_steps": 1, "checkpoint_every": max(1, steps // 2),
+                     "log_every": max(1, steps // 4)},
+        "evaluation": {"linear": False, "knn": False, "segmentation": False, "depth": False, "token_interaction": False},
+        "tracking": {"enabled": False},
+        "runtime": {"threads": threads},
+    }
+
+
+def hand_written_loop(scale: str, specialization: str, batch_size: int, steps: int, threads: int,
+                      with_data: bool = True) -> float:
+    """img/s of the simplest correct training loop (steps after the first 2): a DataLoader over the
+    trainer's own training set, or (with_data=False) one fixed random batch."""
+    from trainer.config import parse_config
+    from trainer.data import build_train_dataset
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     args = tm.SCALES[scale]
     model = timm.create_model(tm.MODEL_NAMES[scale], specialization=specialization, init_values=1e-4, num_classes=4)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    images = torch.randn(batch_size, 3, args["img_size"], args["img_size"])
-    targets = torch.nn.functional.one_hot(torch.randint(0, 4, (batch_size,)), 4).float()
+    fixed = (torch.randn(batch_size, 3, args["img_size"], args["img_size"]), torch.randint(0, 4, (batch_size,)))
+    if with_data:
+        dataset = build_train_dataset(parse_config(trial_config(scale, specialization, batch_size, steps, threads)))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+        batches = (batch for _ in range(steps) for batch in loader)  # epoch after epoch
     model.train()
     elapsed = 0.0
     for step in range(steps):
         start = time.perf_counter()
+        images, labels = next(batches) if with_data else fixed
+        targets = torch.nn.functional.one_hot(labels, 4).float()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -51,15 +75,7 @@ def hand_written_loop(scale: str, specialization: str, batch_size: int, steps: i
 
 
 def trainer_run(scale: str, specialization: str, batch_size: int, steps: int, threads: int) -> float:
-    config = {
-        "model": {"scale": scale, "specialization": specialization},
-        "data": {"scenes": {"train_size": max(1024, batch_size * 8), "num_classes": 4}},
-        "schedule": {"steps": steps, "batch_size": batch_size, "warmup_steps": 1, "checkpoint_every": max(1, steps // 2),
-                     "log_every": max(1, steps // 4)},
-        "evaluation": {"linear": False, "knn": False, "segmentation": False, "depth": False, "token_interaction": False},
-        "tracking": {"enabled": False},
-        "runtime": {"threads": threads},
-    }
+    config = trial_config(scale, specialization, batch_size, steps, threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trial.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -80,18 +96,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
 
-    hand, ours = [], []
+    run = (args.scale, args.specialization, args.batch_size, args.steps, args.threads)
+    hand, ours, no_data = [], [], []
     for _ in range(args.repeats):
-        hand.append(hand_written_loop(args.scale, args.specialization, args.batch_size, args.steps, args.threads))
-        ours.append(trainer_run(args.scale, args.specialization, args.batch_size, args.steps, args.threads))
+        hand.append(hand_written_loop(*run))
+        ours.append(trainer_run(*run))
+        no_data.append(hand_written_loop(*run, with_data=False))
     ratios = [o / h for o, h in zip(ours, hand)]
     print(f"scale={args.scale} specialization={args.specialization} batch={args.batch_size} steps={args.steps} "
           f"threads={args.threads}")
-    print(f"{'repeat':>6} {'hand-written img/s':>19} {'python -m trainer img/s':>24} {'ratio':>7}")
-    for i, (h, o, r) in enumerate(zip(hand, ours, ratios)):
-        print(f"{i:>6} {h:>19.1f} {o:>24.1f} {r:>7.3f}")
+    print(f"{'repeat':>6} {'hand-written img/s':>19} {'python -m trainer img/s':>24} {'ratio':>7} "
+          f"{'no data pipeline img/s':>23}")
+    for i, (h, o, r, n) in enumerate(zip(hand, ours, ratios, no_data)):
+        print(f"{i:>6} {h:>19.1f} {o:>24.1f} {r:>7.3f} {n:>23.1f}")
     print(json.dumps({"scale": args.scale, "specialization": args.specialization, "batch_size": args.batch_size,
                       "hand_written_img_s": statistics.median(hand), "trainer_img_s": statistics.median(ours),
+                      "no_data_pipeline_img_s": statistics.median(no_data),
                       "throughput_ratio": statistics.median(ratios), "target": 0.95}))
 
 
