@@ -275,6 +275,7 @@ class BackendSpec(_Frozen):
     max_parallel: int = Field(1, ge=1)
     retries: int = Field(2, ge=0, le=20, description="extra attempts after a transient failure")
     resources: dict[str, Any] = Field(default_factory=lambda: ResourcesSpec().model_dump())
+    resources_set: tuple[str, ...] = Field((), description="resource keys the spec wrote (they beat a cluster profile)")
     options: dict[str, Any] = Field(default_factory=dict, description="kind-specific, only the keys given")
 
 
@@ -941,7 +942,8 @@ def _parse_backend(raw: Any, problems: _Problems) -> BackendSpec:
     parsed = _parse_section(model, options, path + ("options",), problems)
     return BackendSpec(
         kind=kind, max_parallel=backend.max_parallel, retries=backend.retries,
-        resources=resources.model_dump(), options=parsed.model_dump(exclude_unset=True),
+        resources=resources.model_dump(), resources_set=tuple(sorted(resources.model_fields_set)),
+        options=parsed.model_dump(exclude_unset=True),
     )
 
 

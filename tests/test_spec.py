@@ -378,3 +378,12 @@ def test_diff_plan_splits_new_kept_and_gone(tmp_path):
 def test_report_output_is_read_from_the_spec():
     spec = load_spec(REPO / "sweeps" / "component_ablation.yaml")
     assert spec.report.output == Path("reports/ablation.md")
+
+
+def test_backend_records_which_resources_the_spec_wrote(tmp_path):
+    """Only those beat a cluster profile: `time_min: 60` is a choice even though it is the default."""
+    spec = load(tmp_path, TWO_AXES, "backend: {kind: slurm, resources: {time_min: 60, gpus_per_trial: 0}}")
+    assert spec.backend.resources_set == ("gpus_per_trial", "time_min")
+    assert spec.backend.resources["time_min"] == 60 and spec.backend.resources["mem_gb"] == 4
+    overridden = load(tmp_path, TWO_AXES, overrides=("backend.resources.mem_gb=16",))
+    assert overridden.backend.resources_set == ("mem_gb",)
