@@ -493,9 +493,13 @@ def test_cancel_scancels_the_jobs_and_records_them_cancelled(tmp_path, project_r
     assert {t["state"] for t in ledger["trials"].values()} == {"cancelled"}
     assert not jobs & squeue_ids(), "jobs still queued or running"
     assert len(stand_in.events("sigterm")) == 2  # each trainer was told to checkpoint before it ended
-    states = subprocess.run(["sacct", "-X", "-n", "-P", "--format", "JobID,State", "-j", ",".join(sorted(jobs))],
-                            capture_output=True, text=True).stdout
-    assert states.count("CANCELLED") == 2, states
+
+    def cancelled_in_accounting():  # slurmdbd writes job records asynchronously
+        states = subprocess.run(["sacct", "-X", "-n", "-P", "--format", "JobID,State", "-j", ",".join(sorted(jobs))],
+                                capture_output=True, text=True).stdout
+        return states if states.count("CANCELLED") == 2 else None
+
+    wait_for(cancelled_in_accounting, timeout=60, interval=1, what="sacct to record both jobs CANCELLED")
 
 
 @needs_cluster
