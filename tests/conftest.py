@@ -263,3 +263,26 @@ def orchestrator_env(**extra: str) -> dict[str, str]:
 @pytest.fixture
 def cli_env(project_root: Path) -> Iterator[dict[str, str]]:
     yield orchestrator_env(CLS_ABLATION_ROOT=str(project_root))
+
+
+def submit(backend, trial, root: Path):
+    """Submit `trial` with its config written to root/<trial_id>/config.yaml, as the runner does."""
+    run_dir = root / trial.trial_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(trial.config))
+    return backend.submit(trial, run_dir)
+
+
+def wait_finished(backend, handles, timeout: float = 30.0, interval: float = 0.05) -> dict:
+    """Poll (batched, as the runner does) until every handle's job has finished; their states."""
+    states, pending = {}, {h.trial_id: h for h in handles}
+
+    def poll():
+        for tid, state in backend.poll(list(pending.values())).items():
+            if state.finished:
+                states[tid] = state
+                pending.pop(tid)
+        return not pending
+
+    wait_for(poll, timeout=timeout, interval=interval, what="jobs to finish")
+    return states

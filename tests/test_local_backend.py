@@ -13,29 +13,7 @@ import yaml
 from orchestrator.backends import BackendError, JobStatus, backend_class, get_backend
 from orchestrator.backends.local import PID_FILE, LocalBackend
 
-from conftest import make_trial, pid_alive, wait_for
-
-
-def submit(backend: LocalBackend, trial, root: Path):
-    run_dir = root / trial.trial_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(trial.config))
-    return backend.submit(trial, run_dir)
-
-
-def wait_finished(backend: LocalBackend, handles, timeout: float = 30.0):
-    states = {}
-    pending = {h.trial_id: h for h in handles}
-
-    def poll():
-        for tid, state in backend.poll(list(pending.values())).items():
-            if state.finished:
-                states[tid] = state
-                pending.pop(tid)
-        return not pending
-
-    wait_for(poll, timeout=timeout, what="jobs to finish")
-    return states
+from conftest import make_trial, pid_alive, submit, wait_finished, wait_for
 
 
 def test_registry_finds_local_and_names_unknown_backends():

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -27,7 +28,10 @@ import yaml
 
 from orchestrator.backends import BackendError, JobHandle, JobStatus, backend_class, get_backend
 
-from conftest import MICRO_BASE, PYTHON, REPO, make_trial, pid_alive, read_ledger, wait_for, write_spec
+from conftest import (MICRO_BASE, PYTHON, REPO, make_trial, pid_alive, read_ledger, submit, wait_finished,
+                      wait_for, write_spec)
+
+wait_for_ray_jobs = functools.partial(wait_finished, timeout=60, interval=0.1)  # Ray schedules slower
 
 RAY = str(Path(PYTHON).with_name("ray"))
 FINAL_METRICS = ("linear_top1_cls", "knn_top1", "seg_miou", "depth_rmse", "wall_time_s")
@@ -127,27 +131,6 @@ def cluster_backend(cluster: Cluster, stand_in=None, **kwargs):
                                   "STAND_IN_EVENTS": str(stand_in.events_file)})
     return RayBackend(max_parallel=kwargs.pop("max_parallel", 2), resources=resources,
                       options={"address": cluster.address}, **kwargs)
-
-
-def submit(backend, trial, root: Path):
-    run_dir = root / trial.trial_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(trial.config))
-    return backend.submit(trial, run_dir)
-
-
-def wait_finished(backend, handles, timeout: float = 60.0):
-    states, pending = {}, {h.trial_id: h for h in handles}
-
-    def poll():
-        for tid, state in backend.poll(list(pending.values())).items():
-            if state.finished:
-                states[tid] = state
-                pending.pop(tid)
-        return not pending
-
-    wait_for(poll, timeout=timeout, interval=0.1, what="ray jobs to finish")
-    return states
 
 
 def wait_status(backend, handle, status: JobStatus, timeout: float = 60.0) -> None:
@@ -253,10 +236,10 @@ def test_slots_states_and_per_trial_resources(tmp_path, stand_in, ray_driver):
     assert backend.free_slots == 0
     with pytest.raises(BackendError, match="full"):
         submit(backend, trials[2], tmp_path)
-    states = wait_finished(backend, handles)
+    states = wait_for_ray_jobs(backend, handles)
     handles = [submit(backend, trials[2], tmp_path), submit(backend, trials[3], tmp_path)]
-    states.update(wait_finished(backend, handles))
-    states.update(wait_finished(backend, [submit(backend, trials[4], tmp_path)]))
+    states.update(wait_for_ray_jobs(backend, handles))
+    states.update(wait_for_ray_jobs(backend, [submit(backend, trials[4], tmp_path)]))
     got = {t.config["name"]: (states[t.trial_id].status, states[t.trial_id].failure_class) for t in trials}
     assert got == {"ok": (JobStatus.DONE, None), "nan": (JobStatus.FAILED, "nan"), "crash": (JobStatus.FAILED, "error"),
                    "sig": (JobStatus.FAILED, "killed"), "zero": (JobStatus.FAILED, "error")}
@@ -278,7 +261,7 @@ def test_slots_states_and_per_trial_resources(tmp_path, stand_in, ray_driver):
     handles = [submit(big, first, tmp_path), submit(big, second, tmp_path)]
     wait_for(lambda: JobStatus.RUNNING in {s.status for s in big.poll(handles).values()}, interval=0.1, what="one running")
     assert {s.status for s in big.poll(handles).values()} == {JobStatus.RUNNING, JobStatus.PENDING}
-    assert {s.status for s in wait_finished(big, handles).values()} == {JobStatus.DONE}
+    assert {s.status for s in wait_for_ray_jobs(big, handles).values()} == {JobStatus.DONE}
     starts = sorted(e["t"] for e in stand_in.events("start") if e["name"] == "big")
     ends = sorted(e["t"] for e in stand_in.events("end") if e["name"] == "big")
     assert len(starts) == 2 and starts[1] >= ends[0]
@@ -326,7 +309,7 @@ def test_cancel_sigterm_first_time_limit_and_reattach(tmp_path, stand_in, ray_dr
 
     # resources.time_min: SIGTERM at the limit, failure class timeout (transient: retried, resumes).
     limited = cluster_backend(ray_driver, stand_in, resources={"time_min": 0.03})
-    state = wait_finished(limited, [submit(limited, make_trial("long", 7), tmp_path)])[make_trial("long", 7).trial_id]
+    state = wait_for_ray_jobs(limited, [submit(limited, make_trial("long", 7), tmp_path)])[make_trial("long", 7).trial_id]
     assert (state.status, state.failure_class) == (JobStatus.FAILED, "timeout")
 
 
@@ -340,7 +323,7 @@ def test_killed_ray_worker_fails_the_attempt_as_killed_and_stops_its_trainer(tmp
     run_dir = tmp_path / trial.trial_id
     info = json.loads((run_dir / "trainer.pid").read_text())
     os.kill(info["worker_pid"], signal.SIGKILL)
-    state = wait_finished(backend, [handle])[trial.trial_id]
+    state = wait_for_ray_jobs(backend, [handle])[trial.trial_id]
     assert (state.status, state.failure_class) == (JobStatus.FAILED, "killed")  # transient: the runner retries
     assert "Ray worker" in state.error
     # PDEATHSIG: the orphaned trainer got SIGTERM (it checkpoints and exits) instead of training on.
@@ -350,7 +333,7 @@ def test_killed_ray_worker_fails_the_attempt_as_killed_and_stops_its_trainer(tmp
     # The next attempt in the same run dir starts once the previous trainer released it.
     stand_in.behave(long={"sleep": 0.2})
     again = submit(backend, trial, tmp_path)
-    assert wait_finished(backend, [again])[trial.trial_id].status == JobStatus.DONE
+    assert wait_for_ray_jobs(backend, [again])[trial.trial_id].status == JobStatus.DONE
     assert "stand-in trainer for long attempt 2" in (run_dir / "trainer.log").read_text()
 
 
