@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import random
 import re
 from dataclasses import dataclass, field
 
@@ -60,7 +61,8 @@ SPEC = Spec(
 # seg_miou / linear_top1 / depth_rmse per (specialization, seed) for framework=supervised.
 VALUES = {
     "none": {0: (0.30, 0.60, 0.50), 1: (0.31, 0.61, 0.49), 2: (0.32, 0.62, 0.51)},
-    "norms": {0: (0.32, 0.601, 0.48), 1: (0.33, 0.611, 0.47), 2: (0.34, 0.621, 0.49)},  # mIoU +2 exactly each seed
+    # per-seed deltas vs none: mIoU +1.5/+2.0/+2.5 pts, top-1 +0.08/+0.10/+0.12 pts, depth -0.015/-0.020/-0.025
+    "norms": {0: (0.315, 0.6008, 0.485), 1: (0.33, 0.611, 0.47), 2: (0.345, 0.6212, 0.485)},
     "paper": {0: (0.35, 0.59, 0.52)},  # seeds 1, 2 not done
 }
 
@@ -151,12 +153,13 @@ def test_failed_and_unfinished_rows_say_why_with_footnotes():
 
 def test_values_are_mean_std_and_paired_delta_with_ci():
     _, header, rows, _ = render_first_table()
-    # none: mIoU 30, 31, 32 -> 31.00 ± 1.00; norms is +2 pts on every seed -> +2.00 [+2.00, +2.00]
+    # none: mIoU 30, 31, 32 -> 31.00 ± 1.00; norms deltas 1.5, 2, 2.5: mean 2, s 0.5,
+    # half width t(0.975, 2) * 0.5 / sqrt(3) = 4.3027 * 0.2887 = 1.242 -> [+0.76, +3.24]
     assert rows["none (ref.)"]["Seg. mIoU (%) ↑"] == "31.00 ± 1.00"
     assert rows["none (ref.)"]["Δ Seg. mIoU (pts)"] == "ref."
-    assert rows["norms"]["Δ Seg. mIoU (pts)"] == "+2.00 [+2.00, +2.00]"
+    assert rows["norms"]["Δ Seg. mIoU (pts)"] == "+2.00 [+0.76, +3.24]"
     # top-1: +0.1 pts on every seed: significant (no dagger) despite the 1-pt seed spread
-    assert rows["norms"]["Δ Linear top-1 [CLS] (pts)"] == "+0.10 [+0.10, +0.10]"
+    assert rows["norms"]["Δ Linear top-1 [CLS] (pts)"] == "+0.10 [+0.05, +0.15]"  # s 0.02: half width 0.0497
     # a single paired seed: no CI, marked °
     assert rows["paper"]["Δ Seg. mIoU (pts)"] == "+5.00 °"
     # params are constant over seeds: no "± 0.00"; relative change to the reference is shown
@@ -240,7 +243,7 @@ def test_at_a_glance_names_the_largest_significant_gain():
     tables = build()
     collection = Collection(outcomes=sample_outcomes(), tracking_uri="sqlite:///x", experiment="unit")
     text = at_a_glance(tables, collection)
-    assert "**Seg. mIoU**: largest significant gain `specialization=norms` (+2.00 pts, 95% CI [+2.00, +2.00], n=3)" in text
+    assert "**Seg. mIoU**: largest significant gain `specialization=norms` (+2.00 pts, 95% CI [+0.76, +3.24], n=3)" in text
     # top-1: norms +0.1 pts on every seed (significant); paper's single pair has no CI; nothing dropped
     assert "**Linear top-1 [CLS]**: largest significant gain `specialization=norms` (+0.10 pts" in text
     # depth RMSE: lower is better, so norms' -0.02 is the gain and paper's +0.02 (one seed, no CI) no drop
@@ -275,9 +278,10 @@ def test_at_a_glance_warns_about_many_uncorrected_intervals():
     variants = [f"v{i}" for i in range(12)]
     spec = Spec(name="many", axes=[Axis("specialization", {v: {} for v in ["none", *variants]})],
                 report=Report(compare=["specialization"], metrics=["seg_miou", "depth_rmse"]))
+    rng = random.Random(0)  # continuous noise: every paired difference has a spread, so every delta has a CI
     outcomes = [TrialOutcome(trial_id=f"{v}{s}", cell={"specialization": v}, seed=s, state="done", source="disk",
-                             metrics={"seg_miou": 0.3 + 0.01 * ((i * 7 + s * 3) % 5), "depth_rmse": 0.5 + 0.01 * s})
-                for i, v in enumerate(["none", *variants]) for s in (0, 1, 2)]
+                             metrics={"seg_miou": 0.3 + 0.05 * rng.random(), "depth_rmse": 0.5 + 0.05 * rng.random()})
+                for v in ["none", *variants] for s in (0, 1, 2)]
     text = at_a_glance(build(outcomes, spec), Collection(outcomes=outcomes, tracking_uri="x", experiment="many"))
     assert "Over 12 variant-vs-reference comparisons" in text
     assert "These are 24 uncorrected intervals: about 1 would exclude 0 by chance alone" in text

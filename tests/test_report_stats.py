@@ -79,13 +79,20 @@ def test_paired_delta_is_significant_when_the_interval_excludes_zero():
 
 
 def test_pairing_removes_the_shared_seed_offset():
-    # Unpaired, seeds 0..2 differ by 10 points; the variant is always exactly +1: zero-width interval.
-    variant = {0: 11.0, 1: 21.0, 2: 31.0}
+    # Unpaired, seeds 0..2 differ by 10 points; paired, the variant is +0.9/+1.0/+1.1: s = 0.1,
+    # half width 4.3027 * 0.1 / sqrt(3) = 0.2484, so a tight interval that excludes 0.
+    variant = {0: 10.9, 1: 21.0, 2: 31.1}
     reference = {0: 10.0, 1: 20.0, 2: 30.0}
     d = paired_delta(variant, reference)
     assert d.mean == pytest.approx(1.0)
-    assert d.low == pytest.approx(1.0) and d.high == pytest.approx(1.0)
+    assert d.low == pytest.approx(1.0 - 0.2484, abs=1e-3) and d.high == pytest.approx(1.0 + 0.2484, abs=1e-3)
     assert d.significant is True
+
+
+def test_identical_paired_differences_give_no_interval_not_certainty():
+    # Both seeds moved by exactly +4 images of 256 (quantized accuracy): no spread, no evidence about noise.
+    delta = paired_delta({0: 0.70, 1: 0.72}, {0: 0.68, 1: 0.70})
+    assert delta.mean == pytest.approx(0.02) and not delta.has_ci and delta.significant is None
 
 
 def test_two_pairs_use_one_degree_of_freedom():

@@ -455,7 +455,7 @@ LEGEND = (
     "finished/planned seeds. Δ is the paired difference to the row marked *(ref.)* (the baseline value of the first "
     "compared axis, the other axes equal), computed seed by seed and averaged, with a {conf}% t confidence interval "
     "(n−1 degrees of freedom). " + NOT_SIGNIFICANT + " the interval includes 0 (not significant); " + NO_CI +
-    " a single seed pair, so no interval. **Bold** is the best mean of a column (within each group of a crossing); "
+    " no interval: a single seed pair, or per-seed differences that are all identical (no spread to estimate noise from). **Bold** is the best mean of a column (within each group of a crossing); "
     "↑ higher is better, ↓ lower is better; `pts` are percentage points. Cost columns show the change relative to "
     "the reference row in parentheses. *cos CLS-patch* is the cosine similarity between the [CLS] token and the "
     "patch tokens after the pre-attention norm (norm1), averaged over the first (early) or last (late) third of the "

@@ -96,9 +96,12 @@ def mean_with_ci(values: Iterable[float | None], confidence: float = DEFAULT_CON
     clean = finite(values)
     n = len(clean)
     m = mean(clean)
-    if n < 2:
+    spread = sample_std(clean) if n >= 2 else 0.0
+    if n < 2 or spread <= 1e-12 * max(1.0, max(abs(v) for v in clean)):
+        # Identical differences (common with accuracies quantized by a small val set) would give a
+        # zero-width interval: certainty claimed from no evidence about the noise. No interval.
         return DeltaEstimate(mean=m, low=None, high=None, n=n, confidence=confidence)
-    half_width = t_quantile(confidence, n - 1) * sample_std(clean) / math.sqrt(n)
+    half_width = t_quantile(confidence, n - 1) * spread / math.sqrt(n)
     return DeltaEstimate(mean=m, low=m - half_width, high=m + half_width, n=n, confidence=confidence)
 
 
