@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 import trainer.models as tm
 from trainer.config import TrialConfig
+from trainer.data import resolve_img_size
 from trainer.io import read_json, save_torch_atomic, write_json_atomic, write_text_atomic
 from trainer.runtime import Runtime, peak_memory_mb, setup_runtime, teardown_runtime
 from trainer.tracking import Tracker
@@ -54,10 +55,6 @@ class TrainState:
 
 
 # --- building ------------------------------------------------------------------------------------
-
-
-def resolve_img_size(cfg: TrialConfig) -> int:
-    return cfg.model.img_size or tm.SCALES[cfg.model.scale]["img_size"]
 
 
 def backbone_factory(cfg: TrialConfig):

@@ -105,14 +105,14 @@ def _boot_id() -> str | None:
         return None
 
 
-def _signal_group(pgid: int, signum: int) -> None:
+def signal_group(pgid: int, signum: int) -> None:
     try:
         os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-def _last_log_line(log_path: Path, max_bytes: int = 4096) -> str:
+def last_log_line(log_path: Path, max_bytes: int = 4096) -> str:
     try:
         with open(log_path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -220,7 +220,7 @@ class LocalBackend(Backend):
         if returncode < 0:
             name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
             return JobState.failed(KILLED, f"killed by {name}")
-        last = _last_log_line(handle.log_path)
+        last = last_log_line(handle.log_path)
         if returncode == 0:
             return JobState.failed(ERROR, "exited 0 without writing result.json")
         return JobState.failed(ERROR, f"exit code {returncode}" + (f": {last}" if last else ""))
@@ -238,12 +238,12 @@ class LocalBackend(Backend):
         grace = self.grace_s if grace_s is None else grace_s
         targets = [(h, pgid) for h in handles if (pgid := self._live_group(h)) is not None]
         for _, pgid in targets:
-            _signal_group(pgid, signal.SIGTERM)
+            signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(self._is_running(h) for h, _ in targets):
             time.sleep(0.05)
         for handle, pgid in targets:
-            _signal_group(pgid, signal.SIGKILL)  # also reaps stragglers (data-loader workers)
+            signal_group(pgid, signal.SIGKILL)  # also reaps stragglers (data-loader workers)
             self._wait_gone(handle)
         for handle in handles:
             self._children.pop(handle.job_id, None)

@@ -86,8 +86,8 @@ from orchestrator.backends.local import (
     PID_FILE,
     THREAD_VARIABLES,
     ProcessIdentity,
-    _last_log_line,
-    _signal_group,
+    last_log_line,
+    signal_group,
 )
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ class TrialProcess:
         identity = ProcessIdentity(int(info["pid"]), info.get("start_ticks"), info.get("boot_id"))
         if not identity.is_alive():
             return False
-        _signal_group(int(info.get("pgid", info["pid"])), signal.SIGKILL)
+        signal_group(int(info.get("pgid", info["pid"])), signal.SIGKILL)
         return True
 
     def _start(self, lock_fd: int) -> subprocess.Popen:
@@ -267,12 +267,12 @@ class TrialProcess:
 
     @staticmethod
     def _terminate(proc: subprocess.Popen, grace_s: float) -> None:
-        _signal_group(proc.pid, signal.SIGTERM)
+        signal_group(proc.pid, signal.SIGTERM)
         try:
             proc.wait(grace_s)
         except subprocess.TimeoutExpired:
             pass
-        _signal_group(proc.pid, signal.SIGKILL)  # also the trainer's own children (data-loader workers)
+        signal_group(proc.pid, signal.SIGKILL)  # also the trainer's own children (data-loader workers)
 
     def status(self) -> dict[str, Any]:
         proc = self._proc
@@ -676,7 +676,7 @@ def _state_from_disk(handle: JobHandle, outcome: Mapping[str, Any] | None,
         return JobState.failed(KILLED, f"killed by {name}")
     if returncode == 0:
         return JobState.failed(ERROR, "exited 0 without writing result.json")
-    last = _last_log_line(handle.log_path)
+    last = last_log_line(handle.log_path)
     return JobState.failed(ERROR, f"exit code {returncode}" + (f": {last}" if last else ""))
 
 
@@ -708,8 +708,8 @@ def _stop_local_leftover(handle: JobHandle, grace_s: float) -> None:
     if not identity.is_alive():
         return
     pgid = int(info.get("pgid", info["pid"]))
-    _signal_group(pgid, signal.SIGTERM)
+    signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and identity.is_alive():
         time.sleep(0.05)
-    _signal_group(pgid, signal.SIGKILL)
+    signal_group(pgid, signal.SIGKILL)
