@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from orchestrator.spec import SweepSpec, TrialPlan
 
 EXIT_OK, EXIT_FAILED, EXIT_SPEC, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-STATE_STYLE = {"done": "green", "running": "cyan", "failed": "red", "cancelled": "yellow", "planned": "white",
+STATE_STYLE = {"done": "green", "running": "cyan", "failed": "red", "cancelled": "yellow", "pruned": "magenta", "planned": "white",
                "new": "bold", "gone": "dim"}
 
 COMMANDS = {
@@ -143,10 +143,9 @@ def _plan(args: argparse.Namespace, spec: SweepSpec, paths: ProjectPaths, consol
     from orchestrator.identity import code_version
     from orchestrator.ledger import Ledger
     from orchestrator.plan import diff_plan
-    from orchestrator.runner import sweep_output_dir
-    from orchestrator.spec import expand
+    from orchestrator.runner import planned_trials, sweep_output_dir
 
-    trials = expand(spec, code_version=code_version())
+    trials = planned_trials(spec, paths, code_version())
     ledger = Ledger.for_sweep(sweep_output_dir(spec, paths))
     diff = diff_plan(trials, [r.trial_id for r in ledger])
     seconds_per_tflop, basis = _seconds_per_tflop(paths)
@@ -178,14 +177,19 @@ def _plan(args: argparse.Namespace, spec: SweepSpec, paths: ProjectPaths, consol
     else:
         remaining += " (no finished trial in the store yet to estimate time from)"
     console.print(remaining)
+    if spec.search is not None:
+        cells = len({tuple(t.cell.values()) for t in trials})
+        console.print(f"search: up to {spec.search.budget()} {spec.search.sampler} trials in each of {cells} cells "
+                      f"(shown: the runs made so far and each cell's final trials), then {len(spec.seeds)} seed(s) "
+                      "at the chosen settings")
     return EXIT_OK
 
 
 def _status(args: argparse.Namespace, spec: SweepSpec, paths: ProjectPaths, console: Console) -> int:
     from orchestrator.identity import code_version
-    from orchestrator.spec import expand
+    from orchestrator.runner import planned_trials
 
-    trials = expand(spec, code_version=code_version())
+    trials = planned_trials(spec, paths, code_version())
     if not args.watch:
         console.print(_status_view(spec, trials, paths))
         return EXIT_OK
@@ -248,7 +252,7 @@ def _status_view(spec: SweepSpec, trials: list[TrialPlan], paths: ProjectPaths) 
     output_dir = sweep_output_dir(spec, paths)
     ledger = Ledger.for_sweep(output_dir)
     holder = SweepLock.holder(output_dir)
-    counts = {state: 0 for state in ("done", "running", "planned", "failed", "cancelled")}
+    counts = {state: 0 for state in ("done", "running", "planned", "failed", "cancelled", "pruned")}
     rows = []
     for trial in trials:
         record = ledger.get(trial.trial_id)

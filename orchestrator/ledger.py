@@ -40,8 +40,8 @@ CLAIM_FILE = ".claim.lock"
 ROOT_ENV = "CLS_ABLATION_ROOT"
 LEDGER_VERSION = 1
 
-TrialState = Literal["planned", "running", "done", "failed", "cancelled"]
-TRIAL_STATES: tuple[TrialState, ...] = ("planned", "running", "done", "failed", "cancelled")
+TrialState = Literal["planned", "running", "done", "failed", "cancelled", "pruned"]  # pruned: by a search
+TRIAL_STATES: tuple[TrialState, ...] = ("planned", "running", "done", "failed", "cancelled", "pruned")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ What happens to each trial of the plan when a run starts:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import os
 import signal
@@ -40,6 +41,7 @@ from orchestrator.backends.base import CONFIG_FILE, JobStatus
 from orchestrator.ledger import Ledger, ProjectPaths, SweepAlreadyRunning, SweepLock, TrialClaim, TrialRecord
 
 if TYPE_CHECKING:
+    from orchestrator.search.scheduler import SearchScheduler
     from orchestrator.spec import SweepSpec, TrialPlan
     from orchestrator.tracking import SweepTracker
 
@@ -61,7 +63,8 @@ class SweepOutcome:
 
     @property
     def ok(self) -> bool:
-        return not self.interrupted and not self.failed and self.counts.get("done", 0) == sum(self.counts.values())
+        ended = self.counts.get("done", 0) + self.counts.get("pruned", 0)  # pruned: a search's decision
+        return not self.interrupted and not self.failed and ended == sum(self.counts.values())
 
 
 @dataclass
@@ -76,7 +79,8 @@ class SweepRunner:
     def __init__(self, *, sweep: str, trials: Sequence[TrialPlan], ledger: Ledger, backend: Backend,
                  paths: ProjectPaths, tracker: SweepTracker | None = None, retries: int = 0,
                  retry_failed: bool = False, poll_interval: float = 1.0, retry_delay_s: float = 1.0,
-                 console: Console | None = None, progress: bool = False, supports_run_id: bool = True) -> None:
+                 console: Console | None = None, progress: bool = False, supports_run_id: bool = True,
+                 search: SearchScheduler | None = None) -> None:
         self.sweep = sweep
         self.trials = list({t.trial_id: t for t in reversed(trials)}.values())[::-1]  # first of each id wins
         self.by_id = {t.trial_id: t for t in self.trials}
@@ -91,6 +95,7 @@ class SweepRunner:
         self.console = console or Console()
         self.show_progress = progress
         self.supports_run_id = supports_run_id
+        self.search = search  # tuned sweeps: trials come from each cell's Optuna study as it goes
         self._queue: deque[_Queued] = deque()
         self._waiting: dict[str, TrialPlan] = {}  # claimed by another orchestrator (another sweep)
         self._in_flight: dict[str, JobHandle] = {}
@@ -108,6 +113,8 @@ class SweepRunner:
         self._stop.set()
 
     def run(self) -> SweepOutcome:
+        if self.search is not None:
+            self._adopt_plans(self.search.start())
         self._register_plan()
         if self.tracker is not None:
             parent = self.tracker.start(self.ledger.meta.get("parent_run_id"))
@@ -134,16 +141,47 @@ class SweepRunner:
         for record in self.ledger:
             record.in_plan = record.trial_id in wanted
         for trial in self.trials:
-            record = self.ledger.get(trial.trial_id)
-            if record is None:
-                self.ledger.trials[trial.trial_id] = TrialRecord(
-                    trial.trial_id, label=trial.label, cell=dict(trial.cell), seed=trial.seed,
-                    run_dir=str(self.paths.trial_dir(trial.trial_id)))
-            else:
-                record.label, record.cell, record.seed = trial.label, dict(trial.cell), trial.seed
+            self._record(trial)
         self.ledger.meta.update({"sweep": self.sweep, "orchestrator_pid": os.getpid(), "started_at": time.time(),
                                  "backend": self.backend.name, "store": str(self.paths.trials_dir)})
         self.ledger.save()
+
+    def _record(self, trial: TrialPlan) -> None:
+        record = self.ledger.get(trial.trial_id)
+        if record is None:
+            self.ledger.trials[trial.trial_id] = TrialRecord(
+                trial.trial_id, label=trial.label, cell=dict(trial.cell), seed=trial.seed,
+                run_dir=str(self.paths.trial_dir(trial.trial_id)))
+        else:
+            record.label, record.cell, record.seed = trial.label, dict(trial.cell), trial.seed
+            record.in_plan = True
+
+    def _adopt_plans(self, trials: Sequence[TrialPlan]) -> list[TrialPlan]:
+        """Trials that join the plan while it runs (a search's); returns those not in it before."""
+        new = [t for t in dict.fromkeys(trials) if t.trial_id not in self.by_id]
+        for trial in new:
+            self.trials.append(trial)
+            self.by_id[trial.trial_id] = trial
+        return new
+
+    def _add_trials(self, trials: Sequence[TrialPlan]) -> None:
+        """A search's new trials: recorded and queued, or settled at once when already decided."""
+        if not trials:
+            return
+        busy = set(self._in_flight) | set(self._waiting) | {q.trial.trial_id for q in self._queue}
+        self._adopt_plans(trials)
+        for trial in dict.fromkeys(trials):
+            self._record(trial)
+            if trial.trial_id not in busy:
+                self._enqueue(trial)
+        self.ledger.save()
+        if self._progress is not None:
+            self._progress.update(self._task, total=len(self.trials))
+
+    def _settle(self, tid: str, state: str) -> None:
+        """Tell the search (if any) how a trial ended: done, failed for good, or pruned."""
+        if self.search is not None:
+            self.search.settled(tid, state, read_result(self._run_dir(tid)))
 
     def _recover_running(self) -> None:
         """Trials the ledger says are running: an earlier orchestrator launched them and died."""
@@ -176,20 +214,27 @@ class SweepRunner:
 
     def _enqueue_plan(self) -> None:
         for trial in self.trials:
-            tid = trial.trial_id
-            if tid in self._in_flight:
-                continue
-            record = self.ledger.trials[tid]
-            if self._adopt_finished_result(trial):
-                continue
-            if record.state == "failed":
-                if self.retry_failed:
-                    self.ledger.update(tid, failures=0, note="retrying (--retry-failed)")
-                elif not self._may_retry(record):
-                    continue
-            if record.state == "done":  # its result vanished from the store: train it again
-                self.ledger.update(tid, state="planned", note="result.json missing; running again")
-            self._queue.append(_Queued(trial))
+            self._enqueue(trial)
+
+    def _enqueue(self, trial: TrialPlan) -> None:
+        tid = trial.trial_id
+        if tid in self._in_flight:
+            return
+        record = self.ledger.trials[tid]
+        if self._adopt_finished_result(trial):
+            return
+        if record.state == "pruned":  # a search stopped it; asking again gets the same answer
+            self._settle(tid, "pruned")
+            return
+        if record.state == "failed":
+            if self.retry_failed:
+                self.ledger.update(tid, failures=0, note="retrying (--retry-failed)")
+            elif not self._may_retry(record):
+                self._settle(tid, "failed")
+                return
+        if record.state == "done":  # its result vanished from the store: train it again
+            self.ledger.update(tid, state="planned", note="result.json missing; running again")
+        self._queue.append(_Queued(trial))
 
     def _may_retry(self, record: TrialRecord) -> bool:
         return is_transient(record.failure_class) and record.failures <= self.retries
@@ -205,6 +250,7 @@ class SweepRunner:
                                reused=record.state != "running", run_dir=str(self._run_dir(trial.trial_id)),
                                log_path=str(self._run_dir(trial.trial_id) / "trainer.log"))
             self._event("reused", trial.label, "result.json done in the shared store")
+        self._settle(trial.trial_id, "done")
         return True
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -217,6 +263,8 @@ class SweepRunner:
             if self._stop.is_set():
                 return True
             self._retry_waiting()
+            if self.search is not None:
+                self._add_trials(self.search.more(max(0, self.backend.free_slots - len(self._queue))))
             launched = self._launch_ready()
             finished = 0
             if self._in_flight:
@@ -225,9 +273,19 @@ class SweepRunner:
                     if state.finished and tid in self._in_flight:
                         self._on_finished(tid, state)
                         finished += 1
+                if self.search is not None:
+                    for tid in self.search.to_prune([t for t in self._in_flight]):
+                        self._prune(tid)
+                        finished += 1
             self._update_progress()
             if not (self._in_flight or self._queue or self._waiting):
-                return False
+                if self.search is None or self.search.finished:
+                    return False
+                if not finished and not launched:  # nothing running and the search asks for nothing
+                    self._add_trials(self.search.more(self.backend.free_slots))
+                    if not self._queue:
+                        self._event("warning", "search", "no cell asks for more trials; stopping")
+                        return False
             if finished and self._queue:
                 continue  # a slot just freed up: fill it now
             wait = MIN_POLL_S if (launched or finished) else min(wait * 2, self.poll_interval)
@@ -296,6 +354,7 @@ class SweepRunner:
         self._archive_stale_result(run_dir, self.ledger.trials[tid].attempts)
         child_run_id = None
         if self.tracker is not None:
+            self.tracker.parent_for(trial)  # a tuned sweep's trial lives under its cell's run
             child = self.tracker.find_child(tid)
             child_run_id = child.info.run_id if child is not None else None
         self._write_config(trial, run_dir, child_run_id)
@@ -341,6 +400,7 @@ class SweepRunner:
             self.ledger.mark_finished(tid, "done")
             record = self.ledger.trials[tid]
             self._event("done", trial.label, f"{record.wall_time_s or 0:.1f} s")
+            self._settle(tid, "done")
         else:
             self._record_failure(tid, state.failure_class or "error", state.error)
             record = self.ledger.trials[tid]
@@ -351,6 +411,25 @@ class SweepRunner:
             else:
                 self._event("failed", trial.label, f"{state.failure_class}: {state.error}")
                 self._close_child(tid, "FAILED")
+                self._settle(tid, "failed")
+        claim = self._claims.pop(tid, None)
+        if claim is not None:
+            claim.release()
+
+    def _prune(self, tid: str) -> None:
+        """Stop a search trial its pruner gave up on. The trainer checkpoints on SIGTERM, so the run
+        dir keeps its progress; the ledger says `pruned`, and the trial is not run again."""
+        handle = self._in_flight.pop(tid)
+        self.backend.cancel_many([handle])
+        result = read_result(handle.run_dir)
+        if result and result.get("status") == "done":  # finished before the signal landed
+            self.ledger.mark_finished(tid, "done")
+            self._settle(tid, "done")
+        else:
+            self.ledger.mark_finished(tid, "pruned")
+            self.ledger.update(tid, note="stopped early by the search's pruner")
+            self._close_child(tid, "KILLED")
+            self._settle(tid, "pruned")
         claim = self._claims.pop(tid, None)
         if claim is not None:
             claim.release()
@@ -394,6 +473,9 @@ class SweepRunner:
     def _finish(self, interrupted: bool) -> SweepOutcome:
         counts = dict(self.ledger.counts())
         failed = [r.trial_id for r in self.ledger if r.in_plan and r.state == "failed"]
+        summaries = self.search.summaries() if self.search is not None else {}
+        if summaries:
+            self.ledger.meta["search"] = [dataclasses.asdict(s) for s in summaries.values()]
         if self.tracker is not None:
             try:
                 done = [t for t in self.trials if self.ledger.trials[t.trial_id].state == "done"]
@@ -403,6 +485,8 @@ class SweepRunner:
                 if summary.created or summary.completed:
                     self._event("mlflow", "sync", f"{len(summary.created)} child run(s) created, "
                                 f"{len(summary.completed)} completed from result.json")
+                for summary in summaries.values():
+                    self.tracker.log_cell_search(summary.cell, dataclasses.asdict(summary), summary.finished)
                 status = "KILLED" if interrupted else ("FAILED" if failed else "FINISHED")
                 self.tracker.finish(status, counts)
             except Exception as err:
@@ -471,6 +555,19 @@ def sweep_output_dir(spec: SweepSpec, paths: ProjectPaths) -> Path:
     return paths.resolve(spec.output_dir)
 
 
+def planned_trials(spec: SweepSpec, paths: ProjectPaths, version: str) -> list[TrialPlan]:
+    """What the sweep asks for: `expand(spec)`; for a tuned sweep, the runs its searches made so
+    far plus each cell's final trials (at its chosen settings once its search is over)."""
+    from orchestrator.spec import expand
+
+    if spec.search is None:
+        return expand(spec, code_version=version)
+    from orchestrator.search import tuned_plan
+
+    tuned = tuned_plan(spec, sweep_output_dir(spec, paths), version)
+    return list({t.trial_id: t for t in [*tuned.search, *tuned.final]}.values())
+
+
 def report_output(spec: SweepSpec, paths: ProjectPaths) -> Path:
     """`report.output` from the spec when it has one, else reports/<sweep name>.md."""
     if spec.report.output:
@@ -530,6 +627,8 @@ def run_sweep(spec: SweepSpec, *, detach: bool = False, progress: bool = True, o
     version = code_version()
     trials = expand(spec, code_version=version)  # may raise SpecError: before anything is written
     the_hash = spec_hash(spec)
+    if spec.search is not None:
+        trials = []  # a tuned sweep's trials come from its cells' studies (SearchScheduler.start/more)
     with SweepLock(output_dir, spec.name):
         ledger = Ledger.for_sweep(output_dir)
         ledger.meta.update({"spec_hash": the_hash, "code_version": version,
@@ -548,6 +647,10 @@ def run_sweep(spec: SweepSpec, *, detach: bool = False, progress: bool = True, o
                              poll_interval=poll_interval, retry_delay_s=retry_delay_s, console=console,
                              progress=progress,
                              supports_run_id=tracker is not None and trainer_supports_run_id())
+        if spec.search is not None:
+            from orchestrator.search.scheduler import SearchScheduler
+
+            runner.search = SearchScheduler(spec, output_dir, version, paths.trial_dir, event=runner._event)
         try:
             with _StopOnSignals(runner):
                 outcome = runner.run()

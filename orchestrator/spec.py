@@ -43,6 +43,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator import identity
+from orchestrator.search.spec import (
+    FINAL_METRICS,
+    INTERMEDIATE_METRICS,
+    VALIDATION_PREFIX,
+    SearchSpec,
+    format_value,
+    params_label,
+)
 from trainer.config import TrialConfig
 
 ExpandMode = Literal["grid", "zip", "one_at_a_time"]
@@ -306,6 +314,7 @@ class SweepSpec(_Frozen):
     backend: BackendSpec = BackendSpec()
     tracking: TrackingSpec = TrackingSpec()
     report: ReportSpec = ReportSpec()
+    search: SearchSpec | None = None  # per-cell hyperparameter search (orchestrator/search)
     source: Path
     overrides: list[str] = Field(default_factory=list)
 
@@ -331,10 +340,13 @@ class TrialPlan:
     cell: dict[str, str]  # axis name -> value name
     seed: int
     config: dict[str, Any]  # resolved TrialConfig dump with the seed set; `tracking` left default
+    # Tuned sweeps: the searched settings (dotted key -> value) this trial runs with; None otherwise.
+    params: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
-        return cell_label(self.cell, self.seed)
+        label = cell_label(self.cell, self.seed)
+        return f"{label} {params_label(self.params)}" if self.params else label
 
     def __hash__(self) -> int:  # the dict fields are unhashable; the id stands for them
         return hash(self.trial_id)
@@ -342,7 +354,7 @@ class TrialPlan:
 
 TOP_LEVEL_KEYS = (
     "name", "description", "output_dir", "base", "axes", "expand", "baseline", "include", "exclude",
-    "seeds", "backend", "tracking", "report",
+    "seeds", "backend", "tracking", "report", "search",
 )
 # Keys that take a whole value: `--set seeds.0=1` is refused rather than guessed at.
 WHOLE_VALUE_KEYS = ("name", "description", "output_dir", "expand", "include", "exclude", "seeds")
@@ -498,7 +510,9 @@ def _override_path(raw: dict[str, Any], key: str) -> tuple[KeyPath, str | None]:
         return _override_cell_path(("baseline",), raw.get("axes"), rest_text)
     if head == "backend":
         return ("backend", *rest), _override_backend_problem(rest)
-    section = {"tracking": TrackingSpec, "report": ReportSpec}[head]
+    if head == "search" and rest[0] == "params" and len(rest) > 1:  # search.params.optimizer.lr={...}
+        return ("search", "params", ".".join(rest[1:])), None
+    section = {"tracking": TrackingSpec, "report": ReportSpec, "search": SearchSpec}[head]
     if rest[0] not in section.model_fields:
         return (), _unknown_key_message(rest[0], section.model_fields)
     if head == "report" and rest[0] == "baseline" and len(rest) > 1:
@@ -610,6 +624,7 @@ def _validate(raw: dict[str, Any], path: Path, overrides: list[str], problems: _
     backend = _parse_backend(raw.get("backend"), problems)
     tracking = _parse_section(TrackingSpec, raw.get("tracking"), ("tracking",), problems)
     report = _parse_report(raw.get("report"), declared, by_name, baseline, problems)
+    search = _parse_search(raw.get("search"), base, axes, problems) if base is not None else None
 
     if problems.messages or base is None or expand_mode is None:
         # Still report bad axis values, but skip the cell-level checks: with broken parts they
@@ -622,7 +637,7 @@ def _validate(raw: dict[str, Any], path: Path, overrides: list[str], problems: _
         name=name, description=description, output_dir=Path(output_dir), base=base, axes=axes,
         expand=expand_mode, baseline=baseline, include=include, exclude=exclude, seeds=seeds,
         backend=backend, tracking=tracking.model_copy(update={"experiment": tracking.experiment or name}),
-        report=report, source=path, overrides=overrides,
+        report=report, search=search, source=path, overrides=overrides,
     )
     if _check_axis_values(base, axes, problems) is None:
         return None
@@ -990,6 +1005,63 @@ def _parse_report(
                       output=Path(output) if output else None)
 
 
+def _parse_search(raw: Any, base: dict[str, Any], axes: list[Axis], problems: _Problems) -> SearchSpec | None:
+    """The `search:` section; each tuned key must be a trial setting no axis sets, and each of its
+    values (the range's ends, every choice) a valid value of that setting on the base."""
+    if raw is None:
+        return None
+    path = ("search",)
+    if not isinstance(raw, dict):
+        problems.add(path, f"expected a mapping, got {type(raw).__name__}")
+        return None
+    try:
+        search = SearchSpec.model_validate(raw)
+    except ValidationError as err:
+        for loc, message in _pydantic_problems(err, SearchSpec):
+            problems.add(path + loc, message)
+        return None
+    known = [VALIDATION_PREFIX + m for m in FINAL_METRICS]
+    if not search.metric.startswith(VALIDATION_PREFIX):
+        problems.add(path + ("metric",), f"{search.metric!r} is a test-split metric: a search selects on the "
+                     f"validation split; use {VALIDATION_PREFIX}{search.metric} (one of {', '.join(known)})")
+    elif search.metric not in known:
+        problems.add(path + ("metric",), f"unknown metric {search.metric!r}; one of {', '.join(known)}")
+    fraction = (base.get("data") or {}).get("val_fraction") if isinstance(base.get("data"), dict) else None
+    if not fraction:
+        problems.add(("base", "data", "val_fraction"), "a search needs a validation split held out of the "
+                     "training data: set base.data.val_fraction (e.g. 0.125)")
+    if search.pruner != "none":
+        every = (base.get("evaluation") or {}).get("every_steps") if isinstance(base.get("evaluation"), dict) else None
+        if not every:
+            problems.add(("base", "evaluation", "every_steps"), f"pruner {search.pruner} compares learning curves: "
+                         "set base.evaluation.every_steps (e.g. a quarter of schedule.steps), or search.pruner: none")
+        if search.metric.startswith(VALIDATION_PREFIX) and search.metric not in INTERMEDIATE_METRICS:
+            problems.add(path + ("pruner",), f"{search.metric} is only measured at the end of training, so it cannot "
+                         f"prune; use search.pruner: none, or a metric measured during training "
+                         f"({', '.join(INTERMEDIATE_METRICS)})")
+    axis_keys = {key: axis.name for axis in axes for key in axis.keys}
+    for key, param in search.params.items():
+        where = path + ("params", key)
+        parts = key.split(".")
+        if parts[0] in RESERVED_TRIAL_KEYS:
+            problems.add(where, f"{key} cannot be searched: {RESERVED_TRIAL_KEYS[parts[0]]}")
+            continue
+        if (problem := trial_key_problem(parts)) is not None:
+            problems.add(where, problem)
+            continue
+        if key in axis_keys:
+            problems.add(where, f"axis {axis_keys[key]!r} sets {key}: a setting is either an axis or searched, not both")
+            continue
+        if search.sampler == "grid" and param.grid is None:
+            problems.add(where, "the grid sampler needs a finite set: give choices, or a step for the range")
+        for value in param.edge_values():
+            _, errors = _validate_trial(_with_values(base, [{key: value}]))
+            for loc, message in errors:
+                if _dotted(loc) == key:
+                    problems.add(where, f"value {format_value(value)}: {message}")
+    return search
+
+
 # ------------------------------------------------------------------------------------------------
 # Resolution: each axis value validated once against the base
 
@@ -1225,4 +1297,6 @@ def spec_hash(spec: SweepSpec) -> str:
         "cells": [list(cell) for cell in _cells(spec)],
         "seeds": spec.seeds,
     }
+    if spec.search is not None:  # what is searched, and how, decides which trials run
+        content["search"] = spec.search.model_dump(mode="json")
     return sha256(identity.canonical_json(content).encode()).hexdigest()[:16]

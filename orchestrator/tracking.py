@@ -6,6 +6,8 @@ Identity rules that keep runs unique across retries, restarts and re-runs:
   instead of opening a second parent, because it is still the same sweep (same ledger, same dir);
 - a child is found by tags `trial_id` + `mlflow.parentRunId`; the runner passes an existing child's
   id to the trainer (`tracking.run_id`), so a resumed or retried trial continues its run;
+- a tuned sweep (spec `search:`) adds one run per cell between the two (tags `sweep_role=cell` +
+  `cell_key`): every search trial and final trial of the cell is its child;
 - `sync` writes what MLflow lacks for finished trials (a child for a trial reused from another
   sweep's store, final metrics a crashed trainer never logged) and never creates a second child.
 
@@ -167,6 +169,8 @@ class SweepTracker:
         self.spec_hash = spec_hash
         self.code_version = code_version
         self.parent_run_id: str | None = None
+        self._cell_runs: dict[str, str] = {}  # cell key -> its run (tuned sweeps)
+        self._parent_of: dict[str, str] = {}  # trial id -> its parent run, when not the sweep's
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
 
@@ -259,13 +263,60 @@ class SweepTracker:
         except Exception as err:
             log.warning("could not store %s in MLflow: %s", source, err)
 
+    # -- cells (tuned sweeps) -----------------------------------------------------------------------
+    def cell_run(self, cell: Mapping[str, str]) -> str:
+        """The cell's run under the sweep's parent (found again by its tags, else created)."""
+        assert self.parent_run_id, "start() first"
+        key = " ".join(f"{axis}={value}" for axis, value in cell.items())
+        if key in self._cell_runs:
+            return self._cell_runs[key]
+        runs = with_retries("search cell", lambda: self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(f"tags.{PARENT_ROLE_TAG} = 'cell' and tags.cell_key = {_quote(key)} and "
+                           f"tags.`{PARENT_RUN_TAG}` = {_quote(self.parent_run_id)}"),
+            order_by=["attributes.start_time ASC"], max_results=1))
+        if runs:
+            run_id = runs[0].info.run_id
+        else:
+            tags = {PARENT_ROLE_TAG: "cell", "cell_key": key, SWEEP_NAME_TAG: self.sweep_name,
+                    PARENT_RUN_TAG: self.parent_run_id, **{f"cell.{a}": str(v) for a, v in cell.items()}}
+            run_id = with_retries("create cell", lambda: self.client.create_run(
+                self.experiment_id, run_name=f"{key} (search)", tags=tags)).info.run_id
+        self._cell_runs[key] = run_id
+        return run_id
+
+    def log_cell_search(self, cell: Mapping[str, str], summary: Mapping[str, Any], finished: bool) -> None:
+        """The search's outcome on the cell's run: chosen values as params, counts as metrics."""
+        from mlflow.entities import Metric, Param
+
+        run_id = self.cell_run(cell)
+        run = self._get_run(run_id)
+        logged = run.data.params if run is not None else {}
+        now = int(time.time() * 1000)
+        params = [Param(f"best.{k}", str(v)) for k, v in (summary.get("best_params") or {}).items()
+                  if f"best.{k}" not in logged]  # MLflow params are write-once
+        metrics = [Metric(f"search/{k}", float(summary[k]), now, 0)
+                   for k in ("complete", "pruned", "failed", "best_value") if summary.get(k) is not None]
+        with_retries("log cell", lambda: self.client.log_batch(run_id, metrics=metrics, params=params))
+        if finished:
+            with_retries("finish cell", lambda: self.client.set_terminated(run_id, status="FINISHED"))
+
+    def parent_for(self, trial: TrialPlan) -> str:
+        """A tuned sweep's trials are children of their cell's run; others of the sweep's parent."""
+        assert self.parent_run_id, "start() first"
+        if trial.params is None:
+            return self.parent_run_id
+        parent = self._parent_of[trial.trial_id] = self.cell_run(trial.cell)
+        return parent
+
     # -- children ---------------------------------------------------------------------------------
     def find_child(self, trial_id: str) -> Run | None:
         assert self.parent_run_id, "start() first"
+        parent = self._parent_of.get(trial_id, self.parent_run_id)
         runs = with_retries("search child", lambda: self.client.search_runs(
             [self.experiment_id],
             filter_string=(f"tags.{TRIAL_ID_TAG} = {_quote(trial_id)} and "
-                           f"tags.`{PARENT_RUN_TAG}` = {_quote(self.parent_run_id)}"),
+                           f"tags.`{PARENT_RUN_TAG}` = {_quote(parent)}"),
             order_by=["attributes.start_time ASC"], max_results=10))
         if len(runs) > 1:
             log.warning("trial %s has %d child runs under %s; using the oldest", trial_id, len(runs), self.parent_run_id)
@@ -275,6 +326,7 @@ class SweepTracker:
         tags = {TRIAL_ID_TAG: trial.trial_id, "spec_hash": self.spec_hash, "code_version": self.code_version,
                 "sweep": self.sweep_name, "seed": str(trial.seed)}
         tags.update({f"cell.{axis}": str(value) for axis, value in trial.cell.items()})
+        tags.update({f"search.{key}": str(value) for key, value in (trial.params or {}).items()})
         return tags
 
     def trial_tracking_section(self, trial: TrialPlan, run_id: str | None, supports_run_id: bool = True) -> dict[str, Any]:
@@ -283,7 +335,7 @@ class SweepTracker:
             "enabled": True,
             "tracking_uri": self.tracking_uri,
             "experiment": self.experiment,
-            "parent_run_id": self.parent_run_id,
+            "parent_run_id": self.parent_for(trial),
             "run_name": trial.label,
             "tags": self.child_tags(trial),
         }
@@ -298,10 +350,11 @@ class SweepTracker:
         assert self.parent_run_id, "start() first"
         from mlflow.entities import Metric, Param, RunTag
 
+        parent = self.parent_for(trial)
         run = self.find_child(trial.trial_id)
         outcome = None
         if run is None:
-            tags = {**self.child_tags(trial), PARENT_RUN_TAG: self.parent_run_id, "synced_from": "result.json"}
+            tags = {**self.child_tags(trial), PARENT_RUN_TAG: parent, "synced_from": "result.json"}
             source = result.get("mlflow_run_id")
             if source:
                 tags["reused_from_run_id"] = str(source)  # trained under another sweep (shared store)
@@ -375,11 +428,12 @@ def sync(spec: SweepSpec, *, root: Path | str | None = None) -> SyncSummary:
     """Write to MLflow every finished trial of `spec` that it lacks, without duplicating runs."""
     from orchestrator.identity import code_version
     from orchestrator.ledger import Ledger, ProjectPaths
-    from orchestrator.spec import expand, spec_hash
+    from orchestrator.runner import planned_trials
+    from orchestrator.spec import spec_hash
 
     paths = ProjectPaths.discover(root)
     version = code_version()
-    trials = expand(spec, code_version=version)
+    trials = planned_trials(spec, paths, version)
     output_dir = paths.resolve(spec.output_dir)
     ledger = Ledger.for_sweep(output_dir)
     tracker = SweepTracker.for_spec(spec, paths, spec_hash(spec), version)

@@ -26,7 +26,10 @@ PYTHON = sys.executable
 # Behaviour comes from a JSON file ($STAND_IN_BEHAVIOR): {substring of the trial's `name`: {...}}.
 #   sleep: seconds of "training" (until: a file that ends it early);  fail: nan|oom|error (result.json failed) | crash (exit 3, no result)
 #   | signal (SIGKILL itself) | exit0 (exit 0, no result);  fail_times: fail only the first N attempts;
-#   grandchild: spawn a sleeping grandchild in the same process group (for group-kill tests).
+#   grandchild: spawn a sleeping grandchild in the same process group (for group-kill tests);
+#   search: {points, step_s}: a learning curve in progress.jsonl (one point per step_s) whose
+#   val/linear_top1_cls peaks at lr = 1e-3 (1 - |log10(lr) + 3| / 4) and whose test
+#   linear_top1_cls is 1 - that, so a report that selects on the test split picks the wrong lr.
 # Every start/end is appended to $STAND_IN_EVENTS as JSON lines (concurrency and launch counts).
 STAND_IN_TRAINER = r'''
 import json, os, signal, subprocess, sys, time
@@ -75,6 +78,18 @@ deadline = time.time() + float(behavior.get("sleep", 0))
 release = behavior.get("until")  # a file whose creation ends the "training" early
 while time.time() < deadline and not (release and os.path.exists(release)):
     time.sleep(0.02)
+curve = behavior.get("search")
+quality = None
+if curve:
+    import math
+    lr = float(cfg["optimizer"]["lr"])
+    quality = max(0.0, 1 - abs(math.log10(lr) + 3) / 4)
+    done_points = len((out / "progress.jsonl").read_text().splitlines()) if (out / "progress.jsonl").exists() else 0
+    for point in range(done_points + 1, int(curve["points"]) + 1):
+        time.sleep(float(curve["step_s"]))
+        with open(out / "progress.jsonl", "a") as f:
+            f.write(json.dumps({"step": 10 * point,
+                                "metrics": {"val/linear_top1_cls": quality * point / curve["points"]}}) + "\n")
 
 def write_result(result):
     tmp = out / ".result.json.tmp"
@@ -94,8 +109,11 @@ if fail == "signal":
     os.kill(os.getpid(), signal.SIGKILL)
 if fail == "exit0":
     sys.exit(0)
+metrics = {"linear_top1_cls": 0.5 + 0.01 * attempt, "knn_top1": 0.4, "tokens/cos@post": 0.1}
+if quality is not None:
+    metrics.update({"val/linear_top1_cls": quality, "linear_top1_cls": 1 - quality})
 write_result({"status": "done", "failure_class": None, "error": None,
-              "metrics": {"linear_top1_cls": 0.5 + 0.01 * attempt, "knn_top1": 0.4, "tokens/cos@post": 0.1},
+              "metrics": metrics,
               "params": {"params_total": 1000, "params_added": 10}, "flops": 123, "throughput_img_s": 9.5,
               "wall_time_s": 0.1, "peak_memory_mb": 1.0, "mlflow_run_id": None, "steps": 3,
               "threads": os.environ.get("OMP_NUM_THREADS")})

@@ -59,6 +59,11 @@ class DataConfig(Section):
     segmentation_layout: Literal["ade20k", "voc"] = "ade20k"
     depth_root: Path | None = Field(None, description="NYU-style root with train/ and val/ image + depth pairs")
     num_workers: int = Field(0, ge=0)
+    # Hyperparameter search must never select on the test split (the dataset's val/): it reads
+    # metrics on a validation split held out of train/ instead, which nothing trains on.
+    val_fraction: float = Field(0.0, ge=0.0, lt=0.5, description=(
+        "fraction of each train split held out as the validation split (metrics val/<name>); "
+        "the same images for every trial seed"))
 
 
 class ScheduleConfig(Section):
@@ -121,6 +126,9 @@ class EvaluationConfig(Section):
     probe_lr: float = Field(1e-2, gt=0)
     max_train_samples: int | None = Field(2048, gt=0, description="cap on probe training images")
     max_val_samples: int | None = Field(512, gt=0)
+    every_steps: int = Field(0, ge=0, description=(
+        "steps between intermediate evaluations (linear + k-NN on the validation split, written to "
+        "DIR/progress.jsonl; what a search prunes on); 0: none"))
 
 
 class TrackingConfig(Section):
@@ -155,6 +163,13 @@ class TrialConfig(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _intermediate_needs_validation(self) -> "TrialConfig":
+        if self.evaluation.every_steps and not self.data.val_fraction:
+            raise ValueError("evaluation.every_steps measures on the validation split: "
+                             "set data.val_fraction > 0 (e.g. 0.1), or evaluation.every_steps: 0")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -42,3 +42,12 @@ def read_json(path: Path) -> Any | None:
         return json.loads(Path(path).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def append_jsonl(path: Path, record: Any) -> None:
+    """One JSON line, appended and flushed in one write: a reader sees whole lines (a torn last
+    line only if the machine dies mid-write, which readers skip)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

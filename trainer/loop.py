@@ -26,13 +26,15 @@ from torch.utils.data import DataLoader
 import trainer.models as tm
 from trainer.config import TrialConfig
 from trainer.data import resolve_img_size
-from trainer.io import read_json, save_torch_atomic, write_json_atomic, write_text_atomic
+from trainer.io import append_jsonl, read_json, save_torch_atomic, write_json_atomic, write_text_atomic
 from trainer.runtime import Runtime, peak_memory_mb, setup_runtime, teardown_runtime
 from trainer.tracking import Tracker
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
 RESOLVED_CONFIG = "config.resolved.yaml"
+PROGRESS = "progress.jsonl"  # one line per intermediate evaluation: {"step": s, "metrics": {...}}
+VALIDATION_PREFIX = "val/"  # metrics measured on the validation hold-out (data.val_fraction)
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; run again to resume
 
@@ -251,6 +253,11 @@ class Trial:
                 state.last_metrics = {k: float(v.detach()) for k, v in losses.items()}
                 if state.step % sched.log_every == 0 or state.step == sched.steps:
                     self._log_progress(state, started, lr, tracker)
+                every = cfg.evaluation.every_steps
+                # Before the checkpoint: a run killed in between evaluates this step again on resume
+                # (a repeated line in progress.jsonl) rather than never.
+                if every and state.step % every == 0 and state.step < sched.steps:
+                    self._intermediate_evaluation(runtime, tracker, state, meta_arch)
                 stop = runtime.any_process(self._stop_signal is not None)
                 if state.step % sched.checkpoint_every == 0 or state.step == sched.steps or stop:
                     state.wall_time_s += time.perf_counter() - started
@@ -263,6 +270,25 @@ class Trial:
                 if state.step >= sched.steps:
                     break
         return self._finish(runtime, tracker, state, meta_arch)
+
+    def _intermediate_evaluation(self, runtime: Runtime, tracker: Tracker, state: TrainState, meta_arch) -> None:
+        """The cheap global probes on the validation split, appended to DIR/progress.jsonl: the
+        learning curve a hyperparameter search prunes on. Dense probes wait for the end."""
+        from trainer.data import build_eval_datasets
+        from trainer.evaluation import evaluate
+
+        if runtime.is_main:
+            started = time.perf_counter()
+            quick = self.cfg.evaluation.model_copy(update={"segmentation": False, "depth": False,
+                                                           "token_interaction": False})
+            metrics = evaluate(meta_arch.eval_backbone, build_eval_datasets(self.cfg, "validation"), quick,
+                               runtime.device, self.out_dir)
+            metrics = {VALIDATION_PREFIX + k: v for k, v in metrics.items()}
+            append_jsonl(self.out_dir / PROGRESS, {"step": state.step, "metrics": metrics})
+            tracker.log_metrics(metrics, step=state.step)
+            self.log(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                     + f" ({time.perf_counter() - started:.1f} s)")
+        runtime.barrier()
 
     def _log_progress(self, state: TrainState, started: float, lr: float, tracker: Tracker) -> None:
         total = self.cfg.schedule.steps
@@ -284,6 +310,11 @@ class Trial:
             backbone = meta_arch.eval_backbone
             eval_start = time.perf_counter()
             metrics = evaluate(backbone, build_eval_datasets(self.cfg), self.cfg.evaluation, runtime.device, self.out_dir)
+            if self.cfg.data.val_fraction:
+                no_plot = self.cfg.evaluation.model_copy(update={"token_interaction": False})
+                validation = evaluate(backbone, build_eval_datasets(self.cfg, "validation"), no_plot,
+                                      runtime.device, self.out_dir)
+                metrics |= {VALIDATION_PREFIX + k: v for k, v in validation.items()}
             eval_time = time.perf_counter() - eval_start
             params = tm.parameter_report(backbone)
             flops = tm.count_flops(backbone, resolve_img_size(self.cfg))

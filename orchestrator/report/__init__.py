@@ -20,7 +20,14 @@ from pathlib import Path
 
 from orchestrator.report.collect import Collection, TrialOutcome, collect_outcomes, outcomes_csv, project_paths
 from orchestrator.report.metrics import table_metrics
-from orchestrator.report.render import DEFAULT_UI_BASE, ReportHeader, TableAssets, report_markdown, table_csv
+from orchestrator.report.render import (
+    DEFAULT_UI_BASE,
+    ReportHeader,
+    SearchOverview,
+    TableAssets,
+    report_markdown,
+    table_csv,
+)
 from orchestrator.report.stats import DEFAULT_CONFIDENCE
 from orchestrator.report.tables import ComparisonTable, build_tables
 
@@ -75,6 +82,13 @@ def build_report(spec, output: Path | str | None = None, *, ui_base: str | None 
     output.parent.mkdir(parents=True, exist_ok=True)
     ui_base = ui_base or os.environ.get(UI_BASE_ENV) or DEFAULT_UI_BASE
     version = current_code_version or code_version()
+    searches = None
+    if getattr(spec, "search", None) is not None:  # a tuned sweep compares each cell at its chosen settings
+        from orchestrator.search import tuned_plan
+
+        tuned = tuned_plan(spec, paths.resolve(spec.output_dir), version)
+        searches = SearchOverview(spec.search, tuned.cells, {p.trial_id for p in tuned.search})
+        plans = list(plans) if plans is not None else tuned.final
     plans = list(plans) if plans is not None else expand(spec, code_version=version)
 
     collection = collect_outcomes(spec, plans, root=paths.root, current_code_version=version, use_mlflow=use_mlflow,
@@ -115,5 +129,5 @@ def build_report(spec, output: Path | str | None = None, *, ui_base: str | None 
         experiment_id=collection.experiment_id, mlflow_error=collection.mlflow_error, ui_base=ui_base,
         trials_csv=trials_csv,
     )
-    _write_text_atomic(output, report_markdown(header, collection, tables, assets))
+    _write_text_atomic(output, report_markdown(header, collection, tables, assets, searches))
     return output

@@ -14,11 +14,13 @@ import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from orchestrator.report.collect import Collection, TrialOutcome
 from orchestrator.report.metrics import COST, QUALITY, MetricSpec
 from orchestrator.report.stats import DeltaEstimate, is_improvement
 from orchestrator.report.tables import ComparisonTable, MetricCell, Row
+from orchestrator.search.spec import format_value
 
 NOT_SIGNIFICANT = "†"
 NO_CI = "°"
@@ -465,10 +467,55 @@ LEGEND = (
 )
 
 
+@dataclass
+class SearchOverview:
+    """A tuned sweep's searches, for the report: the spec's `search:` and each cell's summary."""
+
+    spec: Any  # orchestrator.search.SearchSpec
+    cells: Sequence[Any]  # orchestrator.search.CellSummary, in cell order
+    search_trial_ids: set[str] = field(default_factory=set)
+
+
+def search_markdown(overview: SearchOverview) -> list[str]:
+    """How each cell was tuned: trials run, the chosen values, and their validation score."""
+    spec = overview.spec
+    keys = list(spec.params)
+    ranges = "; ".join(
+        f"`{key}` " + (f"in {{{', '.join(format_value(c) for c in p.choices)}}}" if p.choices is not None else
+                      f"in [{format_value(p.low)}, {format_value(p.high)}]" + (" log" if p.log else "")
+                      + (f" step {format_value(p.step)}" if p.step else ""))
+        for key, p in spec.params.items())
+    lines = ["## Hyperparameter search", "",
+             f"Every cell was tuned on its own: {spec.sampler.upper() if spec.sampler == 'tpe' else spec.sampler} "
+             f"sampler, {spec.budget()} trials per cell, pruner {spec.pruner}, selecting the best "
+             f"`{spec.metric}` ({spec.resolved_direction}) on the validation split held out of the training "
+             f"data. The tables below show each cell at its chosen values, measured on the test split. "
+             f"Searched: {ranges}.", ""]
+    header = ["cell", "trials", "complete", "pruned", "failed", *[f"chosen {k.rsplit('.', 1)[-1]}" for k in keys],
+              f"best {spec.metric}"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    for cell in overview.cells:
+        label = ", ".join(f"{a}={v}" for a, v in cell.cell.items())
+        if cell.best_params:
+            chosen = [format_value(cell.best_params.get(k)) for k in keys]
+            best = fmt(cell.best_value, 4)
+        else:
+            chosen = ["—"] * len(keys)
+            best = "—"
+        status = "" if cell.finished else " (searching)"
+        if cell.gave_up:
+            status = f" (stopped: {escape_cell(cell.gave_up)})"
+        lines.append("| " + " | ".join([escape_cell(label) + status, f"{cell.trials}/{cell.budget}",
+                                        str(cell.complete), str(cell.pruned), str(cell.failed), *chosen, best]) + " |")
+    return lines + [""]
+
+
 def report_markdown(header: ReportHeader, collection: Collection, tables: Sequence[ComparisonTable],
-                    assets: Mapping[str, TableAssets]) -> str:
+                    assets: Mapping[str, TableAssets], search: SearchOverview | None = None) -> str:
     lines = _header_lines(header, collection)
     lines += ["## At a glance", "", at_a_glance(tables, collection), ""]
+    if search is not None:
+        lines += search_markdown(search)
     confidence = round((tables[0].confidence if tables else 0.95) * 100)
     lines += [LEGEND.format(conf=confidence), ""]
     for table in tables:

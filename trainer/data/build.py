@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -68,6 +68,26 @@ def scenes_for(cfg: "TrialConfig", split: str) -> ScenesDataset:
     return _cached_scenes(split, size, resolve_img_size(cfg), s.num_classes, s.seed)
 
 
+def holdout_indices(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """(kept, held out) indices of a train split of n items: a fixed random draw of round(n * fraction)
+    items, sorted. It depends on n and the fraction only, so every trial (any seed, any sweep) holds
+    out the same images and their validation metrics compare."""
+    n_out = round(n * fraction)
+    if fraction and not 0 < n_out < n:
+        raise ValueError(f"data.val_fraction {fraction} of {n} training items leaves no validation or no "
+                         "training items; change data.val_fraction")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed("validation-holdout", n)))
+    return order[n_out:].sort().values.tolist(), order[:n_out].sort().values.tolist()
+
+
+def split_train(dataset: Dataset, fraction: float) -> tuple[Dataset, Dataset | None]:
+    """(what trains, the validation split) of a train split; the whole split and None for fraction 0."""
+    if not fraction:
+        return dataset, None
+    kept, held_out = holdout_indices(len(dataset), fraction)  # type: ignore[arg-type]
+    return Subset(dataset, kept), Subset(dataset, held_out)
+
+
 def _require_root(cfg: "TrialConfig", key: str) -> Path:
     root = getattr(cfg.data, key)
     if root is None:
@@ -101,6 +121,7 @@ def build_train_dataset(cfg: "TrialConfig") -> TrainDataset:
         base: Dataset = scenes_for(cfg, "train").materialize()  # before any DataLoader worker forks
     else:
         base = ImageFolderDataset(_require_root(cfg, "classification_root"), "train")
+    base, _ = split_train(base, cfg.data.val_fraction)  # the validation images are never trained on
 
     if cfg.framework == "supervised":
         transform = SupervisedTransform(img_size, three_augment=cfg.supervised.three_augment,
@@ -148,28 +169,43 @@ def _cap(dataset: Dataset, limit: int | None, shuffle_seed: int | None = None) -
     return Subset(dataset, indices.tolist())
 
 
+EvalSplit = Literal["test", "validation"]
+
+
 def _pair(cfg: "TrialConfig", make: Callable[[str], Dataset], transform: EvalTransform, shuffle: bool,
-          num_classes: int | None = None) -> tuple[Dataset, Dataset]:
-    """(train, val) eval datasets from `make(split)`, capped to the evaluation sample limits."""
+          num_classes: int | None = None, split: EvalSplit = "test") -> tuple[Dataset, Dataset]:
+    """(probe train, probe eval) datasets from `make(split)`, capped to the evaluation sample limits.
+
+    The probes always fit on the train split minus the validation hold-out; they are scored on the
+    dataset's val split (`test`) or on the hold-out (`validation`)."""
+    probe_train, held_out = split_train(make("train"), cfg.data.val_fraction)
+    scored = make("val") if split == "test" else held_out
+    if scored is None:
+        raise ValueError("validation metrics need data.val_fraction > 0")
+    parts = {"train": probe_train, "val": scored}
     limits = {"train": cfg.evaluation.max_train_samples, "val": cfg.evaluation.max_val_samples}
     train, val = (
-        EvalDataset(_cap(make(split), limits[split], derive_seed("eval-subset", split) if shuffle else None),
+        EvalDataset(_cap(parts[name], limits[name], derive_seed("eval-subset", name) if shuffle else None),
                     transform, num_classes=num_classes)
-        for split in ("train", "val")
+        for name in ("train", "val")
     )
     return train, val
 
 
-def build_eval_datasets(cfg: "TrialConfig") -> EvalData:
+def build_eval_datasets(cfg: "TrialConfig", split: EvalSplit = "test") -> EvalData:
     """The probe datasets. Scenes: all three tasks from the same generated images, eval transform =
-    normalize only. Folders: each task present only if its root is set in cfg.data."""
+    normalize only. Folders: each task present only if its root is set in cfg.data.
+
+    split: `test` scores on the dataset's val split (the reported metrics); `validation` on the
+    hold-out of data.val_fraction (what a hyperparameter search selects on)."""
+    pair = functools.partial(_pair, cfg, split=split)
     if cfg.data.dataset == "scenes":
         c = cfg.data.scenes.num_classes
         make = lambda split: scenes_for(cfg, split)  # noqa: E731
         return EvalData(
-            classification=_pair(cfg, make, EvalTransform("label"), False, c),
-            segmentation=_pair(cfg, make, EvalTransform("segmentation"), False, c + 1),
-            depth=_pair(cfg, make, EvalTransform("depth"), False),
+            classification=pair(make, EvalTransform("label"), False, c),
+            segmentation=pair(make, EvalTransform("segmentation"), False, c + 1),
+            depth=pair(make, EvalTransform("depth"), False),
             num_classes=c,
             segmentation_num_classes=c + 1,
             max_depth=BACKGROUND_DEPTH,
@@ -178,15 +214,15 @@ def build_eval_datasets(cfg: "TrialConfig") -> EvalData:
     img_size, data, out = resolve_img_size(cfg), cfg.data, EvalData()
     if data.classification_root is not None:
         out.num_classes = num_classes(cfg)
-        out.classification = _pair(cfg, lambda split: ImageFolderDataset(data.classification_root, split),
+        out.classification = pair(lambda part: ImageFolderDataset(data.classification_root, part),
                                    EvalTransform("label", img_size, CLASSIFICATION_RESIZE), True, out.num_classes)
     if data.segmentation_root is not None:
         out.segmentation_num_classes = SEGMENTATION_CLASSES[data.segmentation_layout]
-        out.segmentation = _pair(
-            cfg, lambda split: SegmentationFolderDataset(data.segmentation_root, split, data.segmentation_layout),
+        out.segmentation = pair(
+            lambda part: SegmentationFolderDataset(data.segmentation_root, part, data.segmentation_layout),
             EvalTransform("segmentation", img_size), True, out.segmentation_num_classes)
     if data.depth_root is not None:
-        out.depth = _pair(cfg, lambda split: DepthFolderDataset(data.depth_root, split),
+        out.depth = pair(lambda part: DepthFolderDataset(data.depth_root, part),
                           EvalTransform("depth", img_size), True)
         out.max_depth = NYU_MAX_DEPTH
     return out

@@ -1,0 +1,307 @@
+"""One Optuna study per cell of the ablation, kept in the sweep folder's journal file.
+
+Optuna runs here, in the orchestrator (ask/tell): a study never trains anything itself. Each asked
+trial becomes an ordinary trial config (the cell's config with the suggested values), so it gets a
+trial id, a run dir in the shared store and any backend, like every other trial; the id is stored
+on the Optuna trial (`user_attrs["trial_id"]`) so a restarted orchestrator finds its runs again.
+
+The journal (`<output_dir>/optuna.journal`, Optuna's JournalFileBackend) is an append-only log with
+file locks: safe on a shared filesystem with no database server, and readable while a sweep runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator import identity
+from orchestrator.search.spec import SearchParam, SearchSpec
+
+if TYPE_CHECKING:
+    import optuna
+
+    from orchestrator.spec import TrialPlan
+
+JOURNAL_FILE = "optuna.journal"
+TRIAL_ID_ATTR = "trial_id"
+RETRY_OF_ATTR = "retry_of"  # a trial enqueued again after its orchestrator died
+FAIL_REASON_ATTR = "fail_reason"
+ORPHANED = "orchestrator stopped while it ran; retried as a new Optuna trial (its run resumes)"
+# Settings that only say how much to search: raising the budget continues a study instead of starting over.
+BUDGET_KEYS = ("trials_per_cell", "max_failures", "parallel_per_cell")
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def journal_storage(output_dir: Path) -> optuna.storages.JournalStorage:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    _quiet_optuna()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(output_dir / JOURNAL_FILE)))
+
+
+def distribution(param: SearchParam) -> optuna.distributions.BaseDistribution:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if param.choices is not None:
+        return CategoricalDistribution(param.choices)
+    if param.is_int:
+        return IntDistribution(int(param.low), int(param.high), log=param.log, step=int(param.step or 1))
+    return FloatDistribution(param.low, param.high, log=param.log, step=param.step)
+
+
+def tuned_trial(cell_plan: TrialPlan, params: dict[str, Any], code_version: str) -> TrialPlan:
+    """The cell's trial with `params` set: validated through the trial schema (so 1e-3 and 0.001
+    are one trial) and identified like any other trial."""
+    from orchestrator.spec import TrialPlan
+    from trainer.config import TrialConfig
+
+    config = copy.deepcopy(cell_plan.config)
+    for key, value in params.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    config = TrialConfig.model_validate(config).model_dump(mode="json")
+    return TrialPlan(trial_id=identity.trial_id(config, code_version), cell=dict(cell_plan.cell),
+                     seed=cell_plan.seed, config=config, params=dict(params))
+
+
+def study_name(search: SearchSpec, cell_plan: TrialPlan) -> str:
+    """`specialization=paper [3f2a...]`: the cell, and a hash of what makes its results comparable
+    (the cell's config and trainer code via its trial id, the searched space, sampler, pruner and
+    metric). Change any of those and the cell starts a new study; raise the budget and it goes on."""
+    what = {"cell_trial": cell_plan.trial_id, "search": search.model_dump(mode="json", exclude=set(BUDGET_KEYS))}
+    digest = hashlib.sha256(identity.canonical_json(what).encode()).hexdigest()[:12]
+    cell = " ".join(f"{axis}={value}" for axis, value in cell_plan.cell.items())
+    return f"{cell} [{digest}]"
+
+
+def _sampler(search: SearchSpec, seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    if search.sampler == "grid":
+        space = {key: param.grid for key, param in search.params.items()}
+        return _grid_sampler(space, seed)
+    if search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    startup = search.startup_trials if search.startup_trials is not None else max(1, search.budget() // 3)
+    # constant_liar: trials still running count as "as bad as the worst", so parallel asks spread out.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True)
+
+
+def _grid_sampler(space: dict[str, list[Any]], seed: int) -> optuna.samplers.GridSampler:
+    import optuna
+
+    class AskTellGridSampler(optuna.samplers.GridSampler):
+        """GridSampler minus its `study.stop()` once the grid is covered: that only works inside
+        `study.optimize`; here the budget (capped at the grid's size) ends the search."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            return None
+
+    return AskTellGridSampler(space, seed=seed)
+
+
+def _pruner(search: SearchSpec, every_steps: int, total_steps: int) -> optuna.pruners.BasePruner:
+    import optuna
+
+    if search.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=search.pruner_startup_trials, n_warmup_steps=0)
+    if search.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, every_steps),
+                                                      reduction_factor=search.reduction_factor)
+    if search.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, every_steps), max_resource=total_steps,
+                                              reduction_factor=search.reduction_factor)
+    return optuna.pruners.NopPruner()
+
+
+@dataclass
+class CellSummary:
+    """What a cell's search has done so far (read from the journal; no Optuna objects leak out)."""
+
+    cell: dict[str, str]
+    study: str
+    budget: int
+    complete: int = 0  # distinct runs
+    pruned: int = 0
+    failed: int = 0  # Optuna trials that failed (a run that failed, not an orchestrator restart)
+    running: int = 0
+    best_value: float | None = None
+    best_params: dict[str, Any] | None = None
+    best_trial_id: str | None = None
+    best_number: int | None = None
+    finished: bool = False  # no more trials will be asked
+    gave_up: str | None = None  # why the search stopped short (too many failures, ...)
+    trial_ids: list[str] = field(default_factory=list)  # every run the search made, in order
+
+    @property
+    def trials(self) -> int:
+        return self.complete + self.pruned
+
+
+class CellStudy:
+    """A cell's search: ask for a trial, tell its outcome, report its learning curve."""
+
+    def __init__(self, storage, search: SearchSpec, cell_plan: TrialPlan, code_version: str, *,
+                 every_steps: int, total_steps: int, create: bool = True) -> None:
+        import optuna
+
+        self.search = search
+        self.cell_plan = cell_plan  # the cell at the search seed, untuned
+        self.code_version = code_version
+        self.name = study_name(search, cell_plan)
+        self.budget = search.budget()
+        if create:
+            self.study = optuna.create_study(
+                study_name=self.name, storage=storage, direction=search.resolved_direction, load_if_exists=True,
+                pruner=_pruner(search, every_steps, total_steps))
+        else:
+            self.study = optuna.load_study(study_name=self.name, storage=storage)
+        # A restarted orchestrator must not replay the sampler's first draws: seed it past them.
+        seed_text = f"{search.sampler_seed}|{self.name}|{len(self.study.get_trials(deepcopy=False))}"
+        self.study.sampler = _sampler(search, int(hashlib.sha256(seed_text.encode()).hexdigest()[:8], 16))
+        self.distributions = {key: distribution(param) for key, param in search.params.items()}
+        self.live: dict[int, optuna.trial.Trial] = {}  # number -> trial asked by this process
+        self.duplicate_asks = 0
+
+    # -- reading --------------------------------------------------------------------------------
+    def trials(self) -> list[optuna.trial.FrozenTrial]:
+        return self.study.get_trials(deepcopy=False)
+
+    def summary(self) -> CellSummary:
+        from optuna.trial import TrialState
+
+        out = CellSummary(cell=dict(self.cell_plan.cell), study=self.name, budget=self.budget)
+        by_state: dict[TrialState, set[str]] = {}
+        for t in self.trials():
+            tid = t.user_attrs.get(TRIAL_ID_ATTR)
+            if tid and tid not in out.trial_ids:
+                out.trial_ids.append(tid)
+            if t.state == TrialState.FAIL and t.user_attrs.get(FAIL_REASON_ATTR) == ORPHANED:
+                continue  # not the trial's fault: retried under a new number
+            if t.state == TrialState.FAIL:
+                out.failed += 1
+            elif tid:
+                by_state.setdefault(t.state, set()).add(tid)
+        done = by_state.get(TrialState.COMPLETE, set())
+        out.complete = len(done)
+        out.pruned = len(by_state.get(TrialState.PRUNED, set()) - done)
+        out.running = len(by_state.get(TrialState.RUNNING, set()) - done)
+        best = self.best_trial()
+        if best is not None:
+            out.best_value, out.best_params = best.value, dict(best.params)
+            out.best_trial_id, out.best_number = best.user_attrs.get(TRIAL_ID_ATTR), best.number
+        out.finished, out.gave_up = self._finished(out)
+        return out
+
+    def best_trial(self) -> optuna.trial.FrozenTrial | None:
+        """The best complete trial by the validation metric (ties: the earliest)."""
+        from optuna.trial import TrialState
+
+        complete = [t for t in self.trials() if t.state == TrialState.COMPLETE and t.value is not None
+                    and math.isfinite(t.value)]
+        if not complete:
+            return None
+        sign = -1.0 if self.search.resolved_direction == "maximize" else 1.0
+        return min(complete, key=lambda t: (sign * t.value, t.number))
+
+    def _finished(self, summary: CellSummary) -> tuple[bool, str | None]:
+        if summary.failed >= max(1, self.search.failure_budget) and summary.running == 0:
+            return True, f"{summary.failed} failed trials (search.max_failures {self.search.failure_budget})"
+        if self.duplicate_asks >= 50 and summary.running == 0:
+            return True, "the sampler keeps proposing settings that already ran: the space is exhausted"
+        return summary.trials >= self.budget and summary.running == 0, None
+
+    def wants_more(self, summary: CellSummary) -> bool:
+        if summary.finished or summary.gave_up or self.duplicate_asks >= 50:
+            return False
+        if summary.failed >= max(1, self.search.failure_budget):
+            return False
+        limit = self.search.parallel_per_cell
+        return summary.trials + summary.running < self.budget and (limit is None or summary.running < limit)
+
+    # -- writing --------------------------------------------------------------------------------
+    def recover(self) -> int:
+        """Optuna trials left RUNNING by an orchestrator that died: failed, and enqueued again with
+        the same values (Optuna's RetryFailedTrialCallback pattern). The retry maps to the same
+        trial id, so its run resumes from its checkpoint instead of starting over."""
+        from optuna.trial import TrialState
+
+        count = 0
+        for t in self.trials():
+            if t.state != TrialState.RUNNING:
+                continue
+            self.study._storage.set_trial_user_attr(t._trial_id, FAIL_REASON_ATTR, ORPHANED)
+            self.study.tell(t.number, state=TrialState.FAIL)
+            self.study.enqueue_trial(dict(t.params), user_attrs={RETRY_OF_ATTR: t.number})
+            count += 1
+        return count
+
+    def ask(self) -> tuple[int, TrialPlan]:
+        trial = self.study.ask(self.distributions)
+        params = {key: trial.params[key] for key in self.search.params}
+        plan = tuned_trial(self.cell_plan, params, self.code_version)
+        trial.set_user_attr(TRIAL_ID_ATTR, plan.trial_id)
+        self.live[trial.number] = trial
+        return trial.number, plan
+
+    def tell(self, number: int, state: str, value: float | None = None, reason: str | None = None) -> None:
+        from optuna.trial import TrialState
+
+        self.live.pop(number, None)
+        frozen = self.study._storage.get_trial(self.study._storage.get_trial_id_from_study_id_trial_number(
+            self.study._study_id, number))
+        if frozen.state != TrialState.RUNNING:
+            return
+        if reason:
+            self.study._storage.set_trial_user_attr(frozen._trial_id, FAIL_REASON_ATTR, reason)
+        if state == "complete":
+            self.study.tell(number, value)
+        elif state == "pruned":
+            self.study.tell(number, state=TrialState.PRUNED)
+        else:
+            self.study.tell(number, state=TrialState.FAIL)
+
+    def report(self, number: int, step: int, value: float) -> bool:
+        """Record one point of the learning curve; True when the pruner says stop."""
+        trial = self.live.get(number)
+        if trial is None:
+            return False
+        if step in self.study._storage.get_trial(trial._trial_id).intermediate_values:
+            return False
+        trial.report(value, step)
+        return trial.should_prune()
+
+
+def read_progress(run_dir: Path) -> list[tuple[int, dict[str, float]]]:
+    """The trainer's DIR/progress.jsonl as (step, metrics), in file order; torn lines skipped."""
+    path = Path(run_dir) / "progress.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            out.append((int(record["step"]), dict(record["metrics"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
