@@ -63,8 +63,10 @@ class SweepOutcome:
 
     @property
     def ok(self) -> bool:
-        ended = self.counts.get("done", 0) + self.counts.get("pruned", 0)  # pruned: a search's decision
-        return not self.interrupted and not self.failed and ended == sum(self.counts.values())
+        # `failed` leaves out a search's failed explorations (recorded by its study); pruned is a
+        # search's decision. Anything still planned, running or cancelled is unfinished work.
+        unfinished = sum(self.counts.get(state, 0) for state in ("planned", "running", "cancelled"))
+        return not self.interrupted and not self.failed and unfinished == 0 and self.counts.get("done", 0) > 0
 
 
 @dataclass
@@ -472,7 +474,8 @@ class SweepRunner:
     # -- the end ----------------------------------------------------------------------------------
     def _finish(self, interrupted: bool) -> SweepOutcome:
         counts = dict(self.ledger.counts())
-        failed = [r.trial_id for r in self.ledger if r.in_plan and r.state == "failed"]
+        failed = [r.trial_id for r in self.ledger if r.in_plan and r.state == "failed"
+                  and not (self.search is not None and self.search.is_exploration(r.trial_id))]
         summaries = self.search.summaries() if self.search is not None else {}
         if summaries:
             self.ledger.meta["search"] = [dataclasses.asdict(s) for s in summaries.values()]

@@ -29,7 +29,8 @@ PYTHON = sys.executable
 #   grandchild: spawn a sleeping grandchild in the same process group (for group-kill tests);
 #   search: {points, step_s}: a learning curve in progress.jsonl (one point per step_s) whose
 #   val/linear_top1_cls peaks at lr = 1e-3 (1 - |log10(lr) + 3| / 4) and whose test
-#   linear_top1_cls is 1 - that, so a report that selects on the test split picks the wrong lr.
+#   linear_top1_cls is 1 - that, so a report that selects on the test split picks the wrong lr;
+#   lr above `fail_above` fails with `nan`.
 # Every start/end is appended to $STAND_IN_EVENTS as JSON lines (concurrency and launch counts).
 STAND_IN_TRAINER = r'''
 import json, os, signal, subprocess, sys, time
@@ -78,23 +79,26 @@ deadline = time.time() + float(behavior.get("sleep", 0))
 release = behavior.get("until")  # a file whose creation ends the "training" early
 while time.time() < deadline and not (release and os.path.exists(release)):
     time.sleep(0.02)
+def write_result(result):
+    tmp = out / ".result.json.tmp"
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, out / "result.json")
+
 curve = behavior.get("search")
 quality = None
 if curve:
     import math
     lr = float(cfg["optimizer"]["lr"])
     quality = max(0.0, 1 - abs(math.log10(lr) + 3) / 4)
+    if lr > float(curve.get("fail_above", "inf")):  # diverges, as a too-large lr does
+        write_result({"status": "failed", "failure_class": "nan", "error": f"loss became nan (lr {lr})"})
+        sys.exit(1)
     done_points = len((out / "progress.jsonl").read_text().splitlines()) if (out / "progress.jsonl").exists() else 0
     for point in range(done_points + 1, int(curve["points"]) + 1):
         time.sleep(float(curve["step_s"]))
         with open(out / "progress.jsonl", "a") as f:
             f.write(json.dumps({"step": 10 * point,
                                 "metrics": {"val/linear_top1_cls": quality * point / curve["points"]}}) + "\n")
-
-def write_result(result):
-    tmp = out / ".result.json.tmp"
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, out / "result.json")
 
 failing = attempt <= int(behavior.get("fail_times", 10**9))
 fail = behavior.get("fail") if failing else None

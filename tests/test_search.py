@@ -185,6 +185,20 @@ def test_pruning_stops_running_trials_early_and_they_are_not_run_again(tmp_path,
     assert set(attempts(project_root).values()) == {1}
 
 
+def test_successive_halving_promotes_the_best_and_prunes_the_rest(tmp_path, project_root, stand_in):
+    stand_in.behave(**{"": {"search": {"points": 6, "step_s": 0.1}}})
+    path = search_spec(tmp_path, "asha", {
+        "metric": "val/linear_top1_cls", "sampler": "grid", "pruner": "successive_halving", "reduction_factor": 2,
+        "params": {"optimizer.lr": {"choices": [1e-3, 1e-5, 1e-7, 1e-1]}}},
+        axes={"specialization": {"key": "model.specialization", "values": {"paper": "paper"}}},
+        backend={"max_parallel": 1})
+    assert run(path, project_root).ok
+    (trials,) = studies(project_root, "asha").values()
+    states = {t.params["optimizer.lr"]: t.state for t in trials}
+    assert states[1e-3] == optuna.trial.TrialState.COMPLETE
+    assert optuna.trial.TrialState.PRUNED in states.values(), states
+
+
 def test_identical_suggestions_share_one_run(tmp_path, project_root, stand_in):
     """TPE over a 2-value space, parallel: the sampler repeats itself; each setting still runs once,
     and the search ends when the space is covered (budget capped at its 2 points)."""
@@ -202,6 +216,40 @@ def test_identical_suggestions_share_one_run(tmp_path, project_root, stand_in):
     assert {t.params["optimizer.lr"] for t in complete} == {1e-3, 1e-2}
     for t in complete:  # an Optuna trial that repeated a setting got that run's value
         assert t.value == pytest.approx(validation_quality(t.params["optimizer.lr"]))
+
+
+def test_failed_explorations_are_replaced_within_the_budget_and_do_not_fail_the_sweep(tmp_path, project_root,
+                                                                                    stand_in):
+    stand_in.behave(**{"": {"search": {"points": 1, "step_s": 0.01, "fail_above": 2e-2}}})
+    path = search_spec(tmp_path, "failing", {
+        "metric": "val/linear_top1_cls", "sampler": "random", "pruner": "none", "trials_per_cell": 4,
+        "max_failures": 20, "params": {"optimizer.lr": {"low": 1e-5, "high": 1.0, "log": True}}},
+        axes={"specialization": {"key": "model.specialization", "values": {"paper": "paper"}}},
+        backend={"max_parallel": 2, "retries": 0})
+    outcome = run(path, project_root)
+    assert outcome.ok and not outcome.failed, outcome  # a diverging lr is a result, not a broken sweep
+    (trials,) = studies(project_root, "failing").values()
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert failed, "the seed should draw some lr above 2e-2; pick another range"
+    assert all(t.params["optimizer.lr"] > 2e-2 and "nan" in t.user_attrs["fail_reason"] for t in failed)
+    assert len({t.user_attrs["trial_id"] for t in complete}) == 4  # replaced: 4 complete trials after all
+    assert outcome.counts["failed"] == len(failed)
+
+
+def test_a_grid_with_a_failing_point_ends_when_every_point_ran(tmp_path, project_root, stand_in):
+    stand_in.behave(**{"": {"search": {"points": 1, "step_s": 0.01, "fail_above": 2e-2}}})
+    path = search_spec(tmp_path, "grid_fail", {
+        "metric": "val/linear_top1_cls", "sampler": "grid", "pruner": "none",
+        "params": {"optimizer.lr": {"choices": [1e-3, 1e-2, 1e-1]}}},
+        axes={"specialization": {"key": "model.specialization", "values": {"paper": "paper"}}},
+        backend={"max_parallel": 2, "retries": 0})
+    outcome = run(path, project_root)
+    assert outcome.ok, outcome
+    (trials,) = studies(project_root, "grid_fail").values()
+    assert len(trials) == 3 and len(attempts(project_root)) == 3  # no point asked or run twice
+    report = (project_root / "reports" / "grid_fail.md").read_text()
+    assert "| specialization=paper (stopped: every point of the space ran) | 2/3 | 2 | 0 | 1 | 1.00e-03 |" in report
 
 
 def test_a_study_stopped_mid_search_resumes_where_it_was(tmp_path, project_root, stand_in, cli_env):

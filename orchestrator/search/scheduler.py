@@ -87,6 +87,7 @@ class SearchScheduler:
         self.reported: dict[tuple[str, int], int] = {}  # (study, number) -> last step reported
         self.finals_added: set[tuple[str, ...]] = set()
         self.outcomes: dict[str, tuple[str, float | None, str | None]] = {}  # trial id -> how it ended
+        self.final_ids: set[str] = set()  # the trials the report compares
         self.metric = self.search.metric
 
     # -- the runner's hooks -------------------------------------------------------------------------
@@ -189,6 +190,13 @@ class SearchScheduler:
                 continue
             self.event("search", study.name, f"best {self.metric}={summary.best_value:.4f} with "
                        f"{summary.best_params} after {summary.trials} trial(s)")
-            out += [tuned_trial(self.plans[cell][seed], summary.best_params, self.code_version)
-                    for seed in self.spec.seeds]
+            finals = [tuned_trial(self.plans[cell][seed], summary.best_params, self.code_version)
+                      for seed in self.spec.seeds]
+            self.final_ids.update(t.trial_id for t in finals)
+            out += finals
         return out
+
+    def is_exploration(self, tid: str) -> bool:
+        """A search trial that is not also a final one: its failure (a diverging lr, say) is a
+        result the study has recorded, not a failure of the sweep."""
+        return tid not in self.final_ids and tid in self.outcomes

@@ -148,6 +148,7 @@ class CellSummary:
     best_trial_id: str | None = None
     best_number: int | None = None
     finished: bool = False  # no more trials will be asked
+    space_covered: bool = False  # a finite space (grid, choices) whose every point ran
     gave_up: str | None = None  # why the search stopped short (too many failures, ...)
     trial_ids: list[str] = field(default_factory=list)  # every run the search made, in order
 
@@ -168,6 +169,7 @@ class CellStudy:
         self.code_version = code_version
         self.name = study_name(search, cell_plan)
         self.budget = search.budget()
+        self.space_size = search.grid_size()  # None for a continuous space
         if create:
             self.study = optuna.create_study(
                 study_name=self.name, storage=storage, direction=search.resolved_direction, load_if_exists=True,
@@ -190,6 +192,7 @@ class CellStudy:
 
         out = CellSummary(cell=dict(self.cell_plan.cell), study=self.name, budget=self.budget)
         by_state: dict[TrialState, set[str]] = {}
+        tried: set[str] = set()  # distinct settings run (or running), whatever came of them
         for t in self.trials():
             tid = t.user_attrs.get(TRIAL_ID_ATTR)
             if tid and tid not in out.trial_ids:
@@ -198,8 +201,12 @@ class CellStudy:
                 continue  # not the trial's fault: retried under a new number
             if t.state == TrialState.FAIL:
                 out.failed += 1
+                if tid:
+                    tried.add(tid)
             elif tid:
+                tried.add(tid)
                 by_state.setdefault(t.state, set()).add(tid)
+        out.space_covered = self.space_size is not None and len(tried) >= self.space_size
         done = by_state.get(TrialState.COMPLETE, set())
         out.complete = len(done)
         out.pruned = len(by_state.get(TrialState.PRUNED, set()) - done)
@@ -225,12 +232,14 @@ class CellStudy:
     def _finished(self, summary: CellSummary) -> tuple[bool, str | None]:
         if summary.failed >= max(1, self.search.failure_budget) and summary.running == 0:
             return True, f"{summary.failed} failed trials (search.max_failures {self.search.failure_budget})"
+        if summary.space_covered and summary.running == 0:
+            return True, None if summary.trials >= self.budget else "every point of the space ran"
         if self.duplicate_asks >= 50 and summary.running == 0:
             return True, "the sampler keeps proposing settings that already ran: the space is exhausted"
         return summary.trials >= self.budget and summary.running == 0, None
 
     def wants_more(self, summary: CellSummary) -> bool:
-        if summary.finished or summary.gave_up or self.duplicate_asks >= 50:
+        if summary.finished or summary.gave_up or summary.space_covered or self.duplicate_asks >= 50:
             return False
         if summary.failed >= max(1, self.search.failure_budget):
             return False
