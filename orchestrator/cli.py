@@ -277,7 +277,29 @@ def _status_view(spec: SweepSpec, trials: list[TrialPlan], paths: ProjectPaths) 
         table.add_column(column)
     for label, trial_id, state, attempts, wall, detail in rows:
         table.add_row(escape(label), trial_id, _styled(state), attempts, wall, escape(detail))
-    return Group(Text.from_markup(headline), table)
+    if spec.search is None:
+        return Group(Text.from_markup(headline), table)
+    return Group(Text.from_markup(headline), _search_table(spec, paths, output_dir), table)
+
+
+def _search_table(spec: SweepSpec, paths: ProjectPaths, output_dir: Path) -> Table:
+    """Per cell: how far its search got and what it chose so far."""
+    from orchestrator.identity import code_version
+    from orchestrator.search import tuned_plan
+    from orchestrator.search.spec import format_value
+
+    search = spec.search
+    table = Table(title=f"search: {search.sampler}, {search.budget()} trials per cell, best {search.metric}",
+                  title_justify="left")
+    for column in ("cell", "trials", "complete", "pruned", "failed", "running", "best", "chosen"):
+        table.add_column(column)
+    for cell in tuned_plan(spec, output_dir, code_version()).cells:
+        chosen = " ".join(f"{k.rsplit('.', 1)[-1]}={format_value(v)}" for k, v in (cell.best_params or {}).items())
+        state = "done" if cell.finished else "searching"
+        table.add_row(escape(" ".join(f"{a}={v}" for a, v in cell.cell.items())), f"{cell.trials}/{cell.budget}",
+                      str(cell.complete), str(cell.pruned), str(cell.failed), str(cell.running),
+                      "" if cell.best_value is None else f"{cell.best_value:.4f}", escape(f"{chosen} ({state})"))
+    return table
 
 
 def _detail(record: TrialRecord) -> str:

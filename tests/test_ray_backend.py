@@ -506,3 +506,33 @@ def test_sweep_end_to_end_on_a_local_ray_init_cluster(tmp_path, project_root, cl
     finally:
         _kill_pids(_processes_mentioning(str(ray_tmp)))
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_search_runs_its_trials_on_ray(tmp_path, project_root, stand_in, ray_driver):
+    """A tuned sweep's trials go through the Ray backend like any other trials."""
+    import io
+
+    import optuna
+    from rich.console import Console
+
+    from orchestrator.runner import run_sweep
+    from orchestrator.spec import load_spec
+    from test_search import search_spec, studies
+
+    stand_in.behave(**{"": {"search": {"points": 2, "step_s": 0.05}}})
+    path = search_spec(tmp_path, "ray_search", {
+        "metric": "val/linear_top1_cls", "sampler": "grid", "pruner": "none",
+        "params": {"optimizer.lr": {"choices": [1e-3, 1e-1]}}},
+        axes={"specialization": {"key": "model.specialization", "values": {"paper": "paper"}}})
+    backend = cluster_backend(ray_driver, stand_in, max_parallel=2)
+    outcome = run_sweep(load_spec(path), root=project_root, backend=backend, progress=False, poll_interval=0.1,
+                        console=Console(file=io.StringIO()))
+    backend.close()
+    assert outcome.ok, outcome
+    (trials,) = studies(project_root, "ray_search").values()
+    assert sorted((t.params["optimizer.lr"], t.state) for t in trials) == [
+        (1e-3, optuna.trial.TrialState.COMPLETE), (1e-1, optuna.trial.TrialState.COMPLETE)]
+    ledger = read_ledger(project_root, "ray_search")
+    assert {t["history"][-1]["job_id"] is not None for t in ledger["trials"].values()} == {True}
+    assert all(t["job"] is None and t["state"] == "done" for t in ledger["trials"].values())
+    assert ledger["meta"]["backend"] == "ray"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import signal
 import subprocess
 import time
@@ -149,6 +150,13 @@ def test_grid_search_runs_each_point_once_and_the_report_picks_by_validation(tmp
     # the comparison tables show each cell at its chosen lr, on the TEST metric: 1 - quality = 0%
     table = report.split("## specialization")[1]
     assert "| none (ref.) | 2/2 |" in table and " 0.00 " in table
+
+    status = subprocess.run([PYTHON, "-m", "orchestrator", "status", str(path)], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, "COLUMNS": "200"})
+    assert status.returncode == 0, status.stderr
+    assert "search: grid, 4 trials per cell" in status.stdout
+    assert "│ specialization=paper │ 4/4    │ 4        │ 0      │ 0      │ 0       │ 1.0000 │ lr=1.00e-03 (done)" \
+        in status.stdout, status.stdout
 
 
 def test_pruning_stops_running_trials_early_and_they_are_not_run_again(tmp_path, project_root, stand_in):

@@ -550,3 +550,29 @@ def test_memory_limit_exceeded_is_oom_and_transient(tmp_path, cluster):
     state = wait_job_done(backend, handle, timeout=120)
     assert (state.status, state.failure_class) == (JobStatus.FAILED, "oom"), state
     assert is_transient(state.failure_class)
+
+
+@needs_cluster
+@pytest.mark.slow
+def test_a_search_runs_its_trials_as_slurm_jobs(tmp_path, project_root, stand_in, cli_env, cluster):
+    """A tuned sweep's trials are Slurm jobs like any other; the pruner stops one with scancel."""
+    import optuna
+
+    from test_search import search_spec, studies
+
+    stand_in.behave(**{"": {"search": {"points": 8, "step_s": 0.5}}})
+    profile = profile_file(tmp_path)
+    spec = search_spec(tmp_path, "slurm_search", {
+        "metric": "val/linear_top1_cls", "sampler": "grid", "pruner": "median", "pruner_startup_trials": 1,
+        "params": {"optimizer.lr": {"choices": [1e-3, 1e-7]}}},
+        axes={"specialization": {"key": "model.specialization", "values": {"paper": "paper"}}},
+        backend={"kind": "slurm", "max_parallel": 1, "options": {"profile": str(profile)}})
+    done = cli("run", str(spec), "--no-report", env=cli_env, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (trials,) = studies(project_root, "slurm_search").values()
+    states = {t.params["optimizer.lr"]: t.state for t in trials}
+    assert states == {1e-3: optuna.trial.TrialState.COMPLETE, 1e-7: optuna.trial.TrialState.PRUNED}, states
+    ledger = read_ledger(project_root, "slurm_search")
+    assert ledger["meta"]["backend"] == "slurm"
+    pruned = [t for t in ledger["trials"].values() if t["state"] == "pruned"]
+    assert len(pruned) == 1 and (Path(pruned[0]["run_dir"]) / "got_sigterm").exists()
