@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -109,8 +110,14 @@ def _grid_sampler(space: dict[str, list[Any]], seed: int) -> optuna.samplers.Gri
     import optuna
 
     class AskTellGridSampler(optuna.samplers.GridSampler):
-        """GridSampler minus its `study.stop()` once the grid is covered: that only works inside
-        `study.optimize`; here the budget (capped at the grid's size) ends the search."""
+        """GridSampler in the order the spec writes the values (Optuna shuffles them so that
+        distributed workers collide less; one orchestrator asks them one at a time), and minus its
+        `study.stop()` once the grid is covered: that only works inside `study.optimize`; here the
+        budget (capped at the grid's size) ends the search."""
+
+        def __init__(self, search_space: dict[str, list[Any]], seed: int) -> None:
+            super().__init__(search_space, seed=seed)
+            self._all_grids = list(itertools.product(*self._search_space.values()))
 
         def after_trial(self, study, trial, state, values) -> None:
             return None
