@@ -5,6 +5,7 @@ repeat's ratio is specialized / vanilla from that same repeat, so machine noise 
 The last line printed is one JSON object (the headline specialization, `paper` by default).
 
     python benchmarks/model_overhead.py --scale small --batch-size 8
+    python benchmarks/model_overhead.py --scale small --batch-size 64 --compile   # on a GPU, as the trainer runs
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def main() -> None:
     parser.add_argument("--headline", default="paper", help="the specialization reported in the final JSON line")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per model per repeat")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed steps per model first (allocator, kernels; with --compile: compilation)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (the trainer's GPU default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     specs = [s.strip() for s in args.specializations.split(",") if s.strip()]
@@ -79,8 +83,9 @@ def main() -> None:
     for name, model in models.items():
         model.to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        time_steps(model, optimizer, images, labels, 1, device)  # warm-up: allocator, kernels
-        runs[name] = (model, optimizer)
+        step_model = torch.compile(model) if args.compile else model
+        time_steps(step_model, optimizer, images, labels, max(1, args.warmup), device)  # allocator, kernels, compile
+        runs[name] = (step_model, optimizer)
 
     seconds: dict[str, list[float]] = {n: [] for n in names}
     for r in range(args.repeats):
@@ -91,7 +96,8 @@ def main() -> None:
     results = []
     header = f"{'specialization':<40} {'params (M)':>10} {'+params':>8} {'FLOPs ratio':>11} {'img/s':>8} {'throughput ratio':>16}"
     print(f"scale={args.scale} img={img_size} batch={args.batch_size} device={device} "
-          f"threads={torch.get_num_threads()} repeats={args.repeats}x{args.steps} steps")
+          f"bf16={device.type == 'cuda'} compile={args.compile} threads={torch.get_num_threads()} "
+          f"repeats={args.repeats}x{args.steps} steps")
     print(header)
     print("-" * len(header))
     for name in names:
@@ -112,7 +118,8 @@ def main() -> None:
         print(f"{name:<40} {params[name] / 1e6:>10.2f} {row['param_overhead']:>+8.2%} {row['flops_ratio']:>11.4f} "
               f"{row['throughput_img_s']:>8.1f} {row['throughput_ratio']:>10.3f} [{min(ratios):.3f}-{max(ratios):.3f}]")
     headline = dict(next(row for name, row in results if name == args.headline))
-    headline.update(batch_size=args.batch_size, device=str(device), repeats=args.repeats,
+    headline.update(batch_size=args.batch_size, device=str(device), repeats=args.repeats, steps=args.steps,
+                    bf16=device.type == "cuda", compile=args.compile,
                     all={name: {"throughput_ratio": row["throughput_ratio"], "flops_ratio": row["flops_ratio"],
                                 "param_overhead": row["param_overhead"]} for name, row in results})
     print(json.dumps(headline))
