@@ -141,6 +141,27 @@ def test_sigterm_checkpoints_and_exits_resumable(tmp_path):
     assert not (out / RESULT).exists()
 
 
+def test_sigterm_to_the_process_group_with_loader_workers_checkpoints(tmp_path):
+    """Slurm, `timeout` and `kill -- -PGID` signal the DataLoader workers too: they must not die
+    and turn a preemption into a failed trial ('DataLoader worker ... killed by signal')."""
+    data = tiny_config(tmp_path, schedule={"steps": 400, "checkpoint_every": 200}, data={"num_workers": 2})
+    data["tracking"]["enabled"] = False
+    config = write_config(tmp_path, data)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "--config", str(config), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    for line in proc.stdout:  # wait until training runs (workers started)
+        if "step 4/400" in line:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, output
+    assert "killed by signal" not in output
+    assert 4 <= torch.load(out / CHECKPOINT, weights_only=False)["state"]["step"] < 200
+    assert not (out / RESULT).exists()
+
+
 def test_nan_loss_fails_at_once_with_class_nan(tmp_path):
     cfg = parse_config(tiny_config(tmp_path, optimizer={"lr": 1e30, "grad_clip": None},
                                    schedule={"steps": 50, "warmup_steps": 0}))

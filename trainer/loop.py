@@ -225,7 +225,8 @@ class Trial:
             dataset.set_epoch(epoch)
             batches = epoch_batches(len(dataset), sched.batch_size, cfg.seed, epoch, runtime)[offset:]
             loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                num_workers=cfg.data.num_workers, persistent_workers=False)
+                                num_workers=cfg.data.num_workers, persistent_workers=False,
+                                worker_init_fn=_ignore_stop_signals if cfg.data.num_workers else None)
             for batch in loader:
                 lr = cosine_schedule(state.step, sched.steps, opt.lr, opt.min_lr, sched.warmup_steps)
                 for group, wd in zip(optimizer.param_groups, weight_decay):
@@ -345,6 +346,15 @@ class Trial:
             self.log("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/block" not in k))
         runtime.barrier()
         return result
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGUSR1: Slurm (and `timeout`, `kill -- -PGID`) signal
+    every process of the job, and torch's worker handler would die on it, failing the trial with
+    'DataLoader worker ... killed by signal' instead of the main process checkpointing at the next
+    step. Workers still exit when the loader shuts them down (or when the main process is gone)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
