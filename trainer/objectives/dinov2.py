@@ -140,8 +140,13 @@ class DINOv2MetaArch(MetaArch):
     def momentum(self, step: int) -> float:
         return teacher_momentum(step, self.total_steps, self.cfg.teacher_momentum)
 
+    @torch.compiler.disable
     def masks(self, step: int, num_images: int, image_size: tuple[int, int]) -> Tensor:
-        """The iBOT masks (num_images x patches, bool) of `step`; the same on every call for that step."""
+        """The iBOT masks (num_images x patches, bool) of `step`; the same on every call for that step.
+
+        Plain Python on the CPU, kept out of torch.compile: traced, its `.item()` calls and seeded
+        generators break the graph at every draw and recompile on each new value until dynamo's
+        recompile limit (seen on an H100 with a ViT-S: minutes of compilation before step 1)."""
         grid = tuple(self.backbone.patch_embed.dynamic_feat_size(image_size))
         return sample_masks(num_images, grid, self.cfg.mask_ratio, self.cfg.mask_probability,
                             mask_generator(self.seed, step))
