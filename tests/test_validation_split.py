@@ -75,3 +75,13 @@ def test_a_trial_writes_its_learning_curve_and_validation_metrics(tmp_path):
     metrics = json.loads((out / RESULT).read_text())["metrics"]
     for name in ("linear_top1_cls", "knn_top1", "depth_rmse"):  # test split, and the same on validation
         assert name in metrics and f"val/{name}" in metrics
+
+
+def test_yaml_on_and_off_are_compile_settings_not_booleans():
+    import yaml
+
+    cfg = parse_config(yaml.safe_load("runtime: {compile: on}"))
+    assert cfg.runtime.compile == "on"
+    assert parse_config(yaml.safe_load("runtime: {compile: off}")).runtime.compile == "off"
+    with pytest.raises(ConfigError, match="runtime.compile"):
+        parse_config({"runtime": {"compile": "sometimes"}})

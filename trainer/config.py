@@ -147,6 +147,12 @@ class RuntimeConfig(Section):
     compile: Literal["auto", "on", "off"] = "auto"
     threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's")
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `on` / `off` as a boolean: take it as meant.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 class TrialConfig(Section):
     """One training run: model + framework + data + schedule + evaluation."""
