@@ -62,6 +62,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed steps per model first (allocator, kernels; with --compile: compilation)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (the trainer's GPU default)")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile mode; reduce-overhead replays CUDA graphs (fewer kernel launches)")
+    parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True): one optimizer kernel (CUDA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     specs = [s.strip() for s in args.specializations.split(",") if s.strip()]
@@ -82,8 +85,8 @@ def main() -> None:
     runs = {}
     for name, model in models.items():
         model.to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        step_model = torch.compile(model) if args.compile else model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if args.fused_adamw else {}))
+        step_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
         time_steps(step_model, optimizer, images, labels, max(1, args.warmup), device)  # allocator, kernels, compile
         runs[name] = (step_model, optimizer)
 
@@ -96,7 +99,8 @@ def main() -> None:
     results = []
     header = f"{'specialization':<40} {'params (M)':>10} {'+params':>8} {'FLOPs ratio':>11} {'img/s':>8} {'throughput ratio':>16}"
     print(f"scale={args.scale} img={img_size} batch={args.batch_size} device={device} "
-          f"bf16={device.type == 'cuda'} compile={args.compile} threads={torch.get_num_threads()} "
+          f"bf16={device.type == 'cuda'} compile={args.compile}/{args.compile_mode} fused_adamw={args.fused_adamw} "
+          f"threads={torch.get_num_threads()} "
           f"repeats={args.repeats}x{args.steps} steps")
     print(header)
     print("-" * len(header))
@@ -119,7 +123,8 @@ def main() -> None:
               f"{row['throughput_img_s']:>8.1f} {row['throughput_ratio']:>10.3f} [{min(ratios):.3f}-{max(ratios):.3f}]")
     headline = dict(next(row for name, row in results if name == args.headline))
     headline.update(batch_size=args.batch_size, device=str(device), repeats=args.repeats, steps=args.steps,
-                    bf16=device.type == "cuda", compile=args.compile,
+                    bf16=device.type == "cuda", compile=args.compile, compile_mode=args.compile_mode,
+                    fused_adamw=args.fused_adamw,
                     all={name: {"throughput_ratio": row["throughput_ratio"], "flops_ratio": row["flops_ratio"],
                                 "param_overhead": row["param_overhead"]} for name, row in results})
     print(json.dumps(headline))
