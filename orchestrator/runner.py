@@ -276,7 +276,7 @@ class SweepRunner:
                         self._on_finished(tid, state)
                         finished += 1
                 if self.search is not None:
-                    for tid in self.search.to_prune([t for t in self._in_flight]):
+                    for tid in self.search.to_prune(list(self._in_flight)):
                         self._prune(tid)
                         finished += 1
             self._update_progress()

@@ -33,19 +33,14 @@ class TunedPlan:
 def tuned_plan(spec: SweepSpec, output_dir: Path, code_version: str) -> TunedPlan:
     """Read the sweep's studies (never creating one) into the trials that stand for each cell."""
     from orchestrator.search.scheduler import cell_plans, final_trials, open_studies
-    from orchestrator.search.study import JOURNAL_FILE, tuned_trial
+    from orchestrator.search.study import JOURNAL_FILE
 
     plans, _ = cell_plans(spec, code_version)
     if not (Path(output_dir) / JOURNAL_FILE).exists():
         return TunedPlan(final=final_trials(spec, code_version, {}, plans))
     studies = open_studies(spec, Path(output_dir), code_version, create=False)
     summaries = {tuple(s.cell_plan.cell.values()): s.summary() for s in studies}
-    searched: dict[str, TrialPlan] = {}
-    for study in studies:
-        for t in study.trials():
-            if t.user_attrs.get("trial_id") and set(t.params) == set(spec.search.params):
-                plan = tuned_trial(study.cell_plan, dict(t.params), code_version)
-                searched.setdefault(plan.trial_id, plan)
+    searched = {plan.trial_id: plan for study in studies for plan in study.searched_trials()}
     cells = [summaries[cell] for cell in plans if cell in summaries]
     return TunedPlan(final=final_trials(spec, code_version, summaries, plans), search=list(searched.values()),
                      cells=cells)

@@ -68,8 +68,14 @@ def final_trials(spec: SweepSpec, code_version: str, summaries: Mapping[tuple[st
         for cell, per_seed in plans.items():
             summary = summaries.get(cell)
             best = summary.best_params if summary is not None and summary.finished else None
-            out.append(tuned_trial(per_seed[seed], best, code_version) if best else per_seed[seed])
+            out += cell_finals(per_seed, best, [seed], code_version) if best else [per_seed[seed]]
     return out
+
+
+def cell_finals(per_seed: Mapping[int, TrialPlan], best_params: dict[str, Any], seeds: Iterable[int],
+                code_version: str) -> list[TrialPlan]:
+    """A cell at its chosen settings, one trial per seed."""
+    return [tuned_trial(per_seed[seed], best_params, code_version) for seed in seeds]
 
 
 class SearchScheduler:
@@ -97,10 +103,8 @@ class SearchScheduler:
             retried = study.recover()
             if retried:
                 self.event("search", study.name, f"{retried} trial(s) left running by a stopped orchestrator: retried")
-            for t in study.trials():
-                if t.user_attrs.get("trial_id") and set(t.params) == set(self.search.params):
-                    known.append(tuned_trial(study.cell_plan, dict(t.params), self.code_version))
-        return known + self._new_finals()
+            known += study.searched_trials()
+        return known + self._new_finals(self.summaries())
 
     def more(self, free_slots: int) -> list[TrialPlan]:
         """Up to `free_slots` new runs, cells with the fewest trials first (all cells progress together)."""
@@ -129,7 +133,7 @@ class SearchScheduler:
                 self.event("search", plan.label, f"Optuna trial {number} of {study.name}")
             waiting.append((study, number))
             summaries[cell] = study.summary()
-        return out + self._new_finals()
+        return out + self._new_finals(summaries)
 
     def to_prune(self, running: Iterable[str]) -> list[str]:
         """Runs whose latest validation point puts them behind, by the study's pruner."""
@@ -175,14 +179,12 @@ class SearchScheduler:
         return {cell: study.summary() for cell, study in self.studies.items()}
 
     # -- internals ----------------------------------------------------------------------------------
-    def _new_finals(self) -> list[TrialPlan]:
+    def _new_finals(self, summaries: Mapping[tuple[str, ...], CellSummary]) -> list[TrialPlan]:
         """Each cell's final trials, once: when its search is over."""
         out = []
         for cell, study in self.studies.items():
-            if cell in self.finals_added:
-                continue
-            summary = study.summary()
-            if not summary.finished:
+            summary = summaries[cell]
+            if cell in self.finals_added or not summary.finished:
                 continue
             self.finals_added.add(cell)
             if summary.best_params is None:
@@ -190,8 +192,7 @@ class SearchScheduler:
                 continue
             self.event("search", study.name, f"best {self.metric}={summary.best_value:.4f} with "
                        f"{summary.best_params} after {summary.trials} trial(s)")
-            finals = [tuned_trial(self.plans[cell][seed], summary.best_params, self.code_version)
-                      for seed in self.spec.seeds]
+            finals = cell_finals(self.plans[cell], summary.best_params, self.spec.seeds, self.code_version)
             self.final_ids.update(t.trial_id for t in finals)
             out += finals
         return out

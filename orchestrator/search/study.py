@@ -225,6 +225,15 @@ class CellStudy:
         out.finished, out.gave_up = self._finished(out)
         return out
 
+    def searched_trials(self) -> list[TrialPlan]:
+        """Every run the study made (one plan per trial id), rebuilt from the values it asked."""
+        plans: dict[str, TrialPlan] = {}
+        for t in self.trials():
+            if t.user_attrs.get(TRIAL_ID_ATTR) and set(t.params) == set(self.search.params):
+                plan = tuned_trial(self.cell_plan, dict(t.params), self.code_version)
+                plans.setdefault(plan.trial_id, plan)
+        return list(plans.values())
+
     def best_trial(self) -> optuna.trial.FrozenTrial | None:
         """The best complete trial by the validation metric (ties: the earliest)."""
         from optuna.trial import TrialState
