@@ -37,16 +37,18 @@ def time_local(script: Path, n: int, parallel: int, workdir: Path) -> float:
     from rich.console import Console
 
     from orchestrator.backends.local import LocalBackend
-    from orchestrator.ledger import Ledger, ProjectPaths
+    from orchestrator.ledger import Ledger
+    from orchestrator.progress import SweepProgress
+    from orchestrator.store import ProjectPaths
     from orchestrator.runner import SweepRunner
-    from orchestrator.spec import TrialPlan
+    from orchestrator.spec import LocalBackendSpec, LocalOptions, TrialPlan
 
     paths = ProjectPaths(workdir / "local")
     trials = [TrialPlan(trial_id=f"bench{i:04d}", cell={"i": str(i)}, seed=0, config={"name": f"bench/{i}"})
               for i in range(n)]
-    backend = LocalBackend(max_parallel=parallel, command=[sys.executable, str(script)], cpus_per_trial=1)
+    backend = LocalBackend(LocalBackendSpec(max_parallel=parallel, options=LocalOptions(command=[sys.executable, str(script)])))
     runner = SweepRunner(sweep="overhead", trials=trials, ledger=Ledger.for_sweep(paths.root / "sweep"),
-                         backend=backend, paths=paths, console=Console(file=io.StringIO()))
+                         backend=backend, paths=paths, progress=SweepProgress("overhead", Console(file=io.StringIO())))
     start = time.perf_counter()
     outcome = runner.run()
     elapsed = time.perf_counter() - start

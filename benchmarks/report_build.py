@@ -22,7 +22,25 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the synthetic sweep is a test helper (tests/support)
+
+from support import synthetic  # noqa: E402  (after the path setup above)
+
+from orchestrator.identity import code_version  # noqa: E402
+from orchestrator.report import build_report  # noqa: E402
+from orchestrator.report.collect import collect_outcomes  # noqa: E402
+from orchestrator.report.csv_export import table_csv  # noqa: E402
+from orchestrator.report.format import DEFAULT_UI_BASE  # noqa: E402
+from orchestrator.report.glance import at_a_glance  # noqa: E402
+from orchestrator.report.markdown_table import table_markdown  # noqa: E402
+from orchestrator.report.metrics import table_metrics  # noqa: E402
+from orchestrator.report.mlflow_runs import fetch_mlflow_runs  # noqa: E402
+from orchestrator.report.plots import plot_deltas, plot_token_curves  # noqa: E402
+from orchestrator.report.tables import build_tables  # noqa: E402
+from orchestrator.spec import expand, load_spec, spec_hash  # noqa: E402
+from orchestrator.store import ProjectPaths  # noqa: E402
 
 TARGET_SECONDS = 10.0
 SPECIALIZATIONS = ["none", "norms", "qkv_first_third", "paper", "all", "ls", "proj", "mlp", "qkv_all", "qkv_last_third"]
@@ -49,11 +67,6 @@ def main() -> int:
 
 
 def run(workdir: Path, seeds: int, client_path: bool = False) -> int:
-    from orchestrator.identity import code_version
-    from orchestrator.ledger import ProjectPaths
-    from orchestrator.report import build_report, synthetic
-    from orchestrator.spec import expand, load_spec, spec_hash
-
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     spec_path = synthetic.write_spec(
         workdir, name="bench_ablation", specializations=SPECIALIZATIONS, frameworks=FRAMEWORKS, scales=SCALES,
@@ -73,7 +86,7 @@ def run(workdir: Path, seeds: int, client_path: bool = False) -> int:
             continue  # running / planned: no result yet
         failure = "nan" if i % 47 == 3 else ("oom" if i % 97 == 11 else None)
         results[plan.trial_id] = synthetic.synthetic_result(plan.cell, plan.seed, failure)
-    synthetic.write_results(paths.trials_dir, results)
+    synthetic.write_results(paths, results)
 
     started = time.perf_counter()
     synthetic.populate_mlflow(uri, spec.name, spec.name, plans, results, spec_hash=spec_hash(spec),
@@ -84,15 +97,13 @@ def run(workdir: Path, seeds: int, client_path: bool = False) -> int:
 
     output = workdir / "reports" / "ablation.md"
     started = time.perf_counter()
-    build_report(spec, output, current_code_version=version, plans=plans)
+    build_report(spec, output=output, current_code_version=version)
     cold_s = time.perf_counter() - started
     started = time.perf_counter()
-    build_report(spec, output, current_code_version=version, plans=plans)
+    build_report(spec, output=output, current_code_version=version)
     warm_s = time.perf_counter() - started
-    breakdown = phase_breakdown(spec, plans, version, output)
+    breakdown = phase_breakdown(spec, plans, paths, version, output)
     if client_path:
-        from orchestrator.report.collect import fetch_mlflow_runs
-
         started = time.perf_counter()
         fetch_mlflow_runs(uri, spec.name, fast_sqlite=False)
         breakdown["MLflow search via MlflowClient (info)"] = time.perf_counter() - started
@@ -120,30 +131,25 @@ def run(workdir: Path, seeds: int, client_path: bool = False) -> int:
     return 0 if cold_s < TARGET_SECONDS else 1
 
 
-def phase_breakdown(spec, plans, version: str, output: Path) -> dict[str, float]:
+def phase_breakdown(spec, plans, paths, version: str, output: Path) -> dict[str, float]:
     """The same work as build_report, phase by phase (informational)."""
-    from orchestrator.report import collect as collect_mod
-    from orchestrator.report import plots, render
-    from orchestrator.report.metrics import table_metrics
-    from orchestrator.report.tables import build_tables
-
     out: dict[str, float] = {}
     t = time.perf_counter()
-    collection = collect_mod.collect_outcomes(spec, plans, current_code_version=version)
+    collection = collect_outcomes(spec, plans, paths, version)
     out["collect (MLflow search + result.json)"] = time.perf_counter() - t
     t = time.perf_counter()
     tables = build_tables(spec, collection.outcomes, table_metrics(list(spec.report.metrics)))
     out["tables + statistics"] = time.perf_counter() - t
     t = time.perf_counter()
     for table in tables:
-        render.table_csv(table)
-        render.table_markdown(table, render.DEFAULT_UI_BASE, collection.experiment_id, version)
-    render.at_a_glance(tables, collection)
+        table_csv(table)
+        table_markdown(table, DEFAULT_UI_BASE, collection.experiment_id, version)
+    at_a_glance(tables, collection)
     out["markdown + csv"] = time.perf_counter() - t
     t = time.perf_counter()
     for table in tables:
-        plots.plot_deltas(table, output.parent / "bench_delta.png")
-        plots.plot_token_curves(table, output.parent / "bench_tokens.png")
+        plot_deltas(table, output.parent / "bench_delta.png")
+        plot_token_curves(table, output.parent / "bench_tokens.png")
     out["plots"] = time.perf_counter() - t
     return out
 

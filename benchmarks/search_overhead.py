@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 
 from orchestrator.identity import code_version
+from orchestrator.search.scheduler import cell_trials, search_seed
 from orchestrator.search.study import CellStudy, journal_storage
 from orchestrator.spec import TrialPlan, load_spec
 
@@ -28,10 +29,10 @@ def objective(lr: float) -> float:
     return -abs(lr - 2e-3)
 
 
-def journal_run(cell_plan: TrialPlan, spec, version: str, n: int) -> float:
+def journal_run(cell_trial: TrialPlan, spec, version: str, n: int) -> float:
     with tempfile.TemporaryDirectory() as folder:
         study = CellStudy(journal_storage(Path(folder)), spec.search.model_copy(update={"trials_per_cell": n}),
-                          cell_plan, version, every_steps=40, total_steps=160)
+                          cell_trial, version, every_steps=40, total_steps=160)
         start = time.perf_counter()
         for _ in range(n):
             number, plan = study.ask()
@@ -59,18 +60,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from orchestrator.search.scheduler import cell_plans
-
     spec = load_spec(SPEC)
     version = code_version()
-    plans, seed = cell_plans(spec, version)
-    cell_plan = next(iter(plans.values()))[seed]
+    cell_trial = next(iter(cell_trials(spec, version).values()))[search_seed(spec)]
     journal, memory, plain_journal = [], [], []
     for _ in range(args.repeats):
         memory.append(plain_run(spec, args.trials))
         with tempfile.TemporaryDirectory() as folder:
             plain_journal.append(plain_run(spec, args.trials, journal_storage(Path(folder))))
-        journal.append(journal_run(cell_plan, spec, version, args.trials))
+        journal.append(journal_run(cell_trial, spec, version, args.trials))
     ratios = [j / m for j, m in zip(journal, memory)]
     ms = lambda seconds: 1000 * statistics.median(seconds) / args.trials  # noqa: E731
     print(f"{'':28}{'ms per trial':>14}")

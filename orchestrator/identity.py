@@ -11,16 +11,14 @@ import hashlib
 import importlib.util
 import json
 import re
-import subprocess
 from pathlib import Path
 from typing import Any
+
+from trainer.contract import NON_IDENTITY_KEYS
 
 TRIAL_ID_CHARS = 16
 CODE_VERSION_CHARS = 12
 
-# `tracking` says where results are logged and `name` is a display label: neither changes what the
-# trial computes, so two sweeps that name or log a trial differently still share it.
-IDENTITY_EXCLUDED_KEYS = frozenset({"tracking", "name"})
 
 
 def canonical_json(data: Any) -> str:
@@ -35,7 +33,7 @@ def trial_id(config: dict[str, Any], code_version: str) -> str:
     expanded rule string, `lr: 1` and `lr: 1.0`, or an omitted default and the same value written
     out, the same trial.
     """
-    identity = {key: value for key, value in config.items() if key not in IDENTITY_EXCLUDED_KEYS}
+    identity = {key: value for key, value in config.items() if key not in NON_IDENTITY_KEYS}
     text = canonical_json({"code_version": code_version, "config": identity})
     return hashlib.sha256(text.encode()).hexdigest()[:TRIAL_ID_CHARS]
 
@@ -49,9 +47,9 @@ class TrialIdTemplate:
     """
 
     def __init__(self, base: dict[str, Any], leaf_paths: list[tuple[str, ...]], code_version: str):
-        counted = dict.fromkeys(p for p in leaf_paths if p[0] not in IDENTITY_EXCLUDED_KEYS)
+        counted = dict.fromkeys(p for p in leaf_paths if p[0] not in NON_IDENTITY_KEYS)
         self.slots = {path: i for i, path in enumerate(counted)}
-        skeleton = json.loads(json.dumps({k: v for k, v in base.items() if k not in IDENTITY_EXCLUDED_KEYS}))
+        skeleton = json.loads(json.dumps({k: v for k, v in base.items() if k not in NON_IDENTITY_KEYS}))
         self.defaults = []
         for path, i in self.slots.items():
             parent = skeleton
@@ -101,16 +99,3 @@ def code_version(source_dir: Path | None = None) -> str:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:CODE_VERSION_CHARS]
-
-
-def git_commit(repo_dir: Path | None = None) -> str | None:
-    """The commit checked out where the trainer lives (informational: ids use `code_version`), or None."""
-    cwd = repo_dir or trainer_source_dir().parent
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and commit else None

@@ -1,32 +1,16 @@
-"""A sweep's state on disk, and the locks that keep two orchestrators from running the same work.
+"""A sweep's state on disk: `<output_dir>/ledger.json`, one snapshot of every trial's state,
+attempts and job handle.
 
-Layout (all paths absolute, `<root>` is the project root, see `ProjectPaths`):
-
-    <output_dir>/ledger.json          one JSON snapshot: every trial's state, attempts, job handle
-    <output_dir>/.orchestrator.lock   flock held by the one `orchestrator run` of this sweep
-    <root>/runs/trials/<trial_id>/    the trial's run dir, SHARED by every sweep (see below)
-        config.yaml  trainer.log  trainer.pid  result.json  checkpoint.pt  .claim.lock
-
-Crash consistency: the ledger is rewritten whole to a temp file, fsynced, then `os.replace`d over
-the old one (and the directory fsynced), so a crash at any moment leaves the old or the new
-snapshot, never a mix. Leftover temp files are ignored. The ledger is a cache of what the
-orchestrator did; the truth about a trial's outcome is its `result.json`, which the runner
-re-reads on every start.
-
-Shared trial store: a trial's id hashes its resolved config and the trainer's code
-(`orchestrator.identity`), so two sweeps that ask for the same trial get the same run dir. The
-second sweep finds `result.json` done and reuses it instead of training again. While a trial runs,
-its `.claim.lock` is flocked by the orchestrator that launched it and inherited by the trainer
-process itself, so the claim outlives a killed orchestrator: no trial ever runs twice at once,
-whichever sweep asks.
+Crash consistency: the ledger is rewritten whole through `trainer.contract.write_json_atomic`
+(temp file, fsync, rename, folder fsync), so a crash at any moment leaves the old or the new
+snapshot, never a mix. The ledger is a cache of what the orchestrator did; the truth about a
+trial's outcome is its `result.json` in the shared trial store (`orchestrator.store`), which the
+runner re-reads on every start. Only the holder of the sweep's lock (`orchestrator.locks`) writes.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import socket
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -34,79 +18,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from trainer.contract import write_json_atomic
+
 LEDGER_FILE = "ledger.json"
-SWEEP_LOCK_FILE = ".orchestrator.lock"
-CLAIM_FILE = ".claim.lock"
-ROOT_ENV = "CLS_ABLATION_ROOT"
 LEDGER_VERSION = 1
 
 TrialState = Literal["planned", "running", "done", "failed", "cancelled", "pruned"]  # pruned: by a search
 TRIAL_STATES: tuple[TrialState, ...] = ("planned", "running", "done", "failed", "cancelled", "pruned")
-
-
-# ----------------------------------------------------------------------------------------------
-# Paths
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ProjectPaths:
-    """Where shared things live: the trial store, the default MLflow store, reports.
-
-    The root is `$CLS_ABLATION_ROOT` when set (tests, several checkouts sharing one store),
-    otherwise the checkout that holds this package.
-    """
-
-    root: Path
-
-    @classmethod
-    def discover(cls, root: Path | str | None = None) -> ProjectPaths:
-        if root is None:
-            root = os.environ.get(ROOT_ENV) or Path(__file__).resolve().parents[1]
-        return cls(Path(root).resolve())
-
-    @property
-    def trials_dir(self) -> Path:
-        return self.root / "runs" / "trials"
-
-    def trial_dir(self, trial_id: str) -> Path:
-        return self.trials_dir / trial_id
-
-    @property
-    def reports_dir(self) -> Path:
-        return self.root / "reports"
-
-    @property
-    def default_tracking_uri(self) -> str:
-        return f"sqlite:///{self.root / 'mlflow.db'}"
-
-    def resolve(self, path: Path | str) -> Path:
-        """A spec's relative path (output_dir, report output) is relative to the project root."""
-        path = Path(path).expanduser()
-        return path if path.is_absolute() else self.root / path
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic files
-# ----------------------------------------------------------------------------------------------
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Temp file in the same directory + fsync + rename + fsync of the directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    payload = json.dumps(data, indent=1, sort_keys=True, default=str).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,133 +166,3 @@ class LedgerError(RuntimeError):
     pass
 
 
-# ----------------------------------------------------------------------------------------------
-# Locks
-# ----------------------------------------------------------------------------------------------
-class SweepAlreadyRunning(RuntimeError):
-    def __init__(self, sweep: str, pid: int | None, host: str | None = None) -> None:
-        where = f"pid {pid}" if pid else "pid unknown"
-        if host and host != socket.gethostname():
-            where += f" on {host}"
-        super().__init__(f"sweep {sweep} is already running ({where})")
-        self.sweep, self.pid = sweep, pid
-
-
-class _FileLock:
-    """An exclusive, non-blocking flock on a file that also records who holds it.
-
-    flock locks belong to the open file description: they vanish when every descriptor is closed,
-    including on SIGKILL, so a dead holder never leaves a stale lock behind.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.fd: int | None = None
-
-    def try_acquire(self, holder: Mapping[str, Any]) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(dict(holder)).encode(), 0)
-        self.fd = fd
-        return True
-
-    def release(self) -> None:
-        # Close only, never LOCK_UN: an unlock would also release a child process that inherited
-        # this descriptor (a trial's claim); closing our copy leaves the child's lock in place.
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    @property
-    def held(self) -> bool:
-        return self.fd is not None
-
-    @staticmethod
-    def read_holder(path: Path) -> dict[str, Any]:
-        try:
-            data = json.loads(Path(path).read_text() or "{}")
-        except (OSError, json.JSONDecodeError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    @staticmethod
-    def is_locked(path: Path) -> bool:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)  # closing drops the probe's shared lock, if it got one
-        return False
-
-
-class SweepLock:
-    """One `orchestrator run` per sweep: a second one fails with "sweep X is already running (pid N)"."""
-
-    def __init__(self, output_dir: Path, sweep: str) -> None:
-        self.sweep = sweep
-        self._lock = _FileLock(Path(output_dir) / SWEEP_LOCK_FILE)
-
-    def acquire(self) -> SweepLock:
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "sweep": self.sweep}
-        if not self._lock.try_acquire(holder):
-            other = _FileLock.read_holder(self._lock.path)
-            raise SweepAlreadyRunning(self.sweep, other.get("pid"), other.get("host"))
-        return self
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def __enter__(self) -> SweepLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    @staticmethod
-    def holder(output_dir: Path) -> dict[str, Any] | None:
-        """Who runs the sweep now ({pid, host, since}), or None when nobody does."""
-        path = Path(output_dir) / SWEEP_LOCK_FILE
-        if not _FileLock.is_locked(path):
-            return None
-        return _FileLock.read_holder(path) or {"pid": None}
-
-
-class TrialClaim:
-    """The right to run one trial dir now, across sweeps and orchestrator restarts.
-
-    `fd` is handed to the trainer process (`Backend.submit(keep_fds=...)`), so the claim lasts as
-    long as either the orchestrator or the trainer is alive.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self._lock = _FileLock(Path(run_dir) / CLAIM_FILE)
-
-    @classmethod
-    def try_acquire(cls, run_dir: Path, sweep: str) -> TrialClaim | None:
-        claim = cls(run_dir)
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "sweep": sweep}
-        return claim if claim._lock.try_acquire(holder) else None
-
-    @property
-    def fd(self) -> int:
-        assert self._lock.fd is not None, "claim already released"
-        return self._lock.fd
-
-    def release(self) -> None:
-        self._lock.release()
-
-    @staticmethod
-    def holder(run_dir: Path) -> dict[str, Any] | None:
-        path = Path(run_dir) / CLAIM_FILE
-        return (_FileLock.read_holder(path) or {"pid": None}) if _FileLock.is_locked(path) else None

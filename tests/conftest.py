@@ -289,10 +289,11 @@ def cli_env(project_root: Path) -> Iterator[dict[str, str]]:
 
 def submit(backend, trial, root: Path):
     """Submit `trial` with its config written to root/<trial_id>/config.yaml, as the runner does."""
-    run_dir = root / trial.trial_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(trial.config))
-    return backend.submit(trial, run_dir)
+    from orchestrator.store import TrialDir
+
+    trial_dir = TrialDir(root / trial.trial_id)
+    trial_dir.write_config(trial.config)
+    return backend.submit(trial, trial_dir)
 
 
 def wait_finished(backend, handles, timeout: float = 30.0, interval: float = 0.05) -> dict:

@@ -6,7 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
-from orchestrator.identity import code_version, git_commit, trainer_source_dir, trial_id
+from orchestrator.identity import code_version, trainer_source_dir, trial_id
 
 CONFIG = {
     "name": "a", "seed": 0, "model": {"scale": "micro", "specialization": "none"}, "tracking": {"experiment": "x"},
@@ -47,12 +47,6 @@ def test_code_version_hashes_the_trainer_sources_only(tmp_path: Path):
     config_py = copy / "config.py"
     config_py.write_text(config_py.read_text() + "\n# a change\n")
     assert code_version(copy) != version
-
-
-def test_git_commit_is_a_full_sha_or_none(tmp_path: Path):
-    commit = git_commit()
-    assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
-    assert git_commit(tmp_path) is None  # not a repository
 
 
 def test_template_ids_equal_full_encoding_ids():

@@ -13,16 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.ledger import (
-    LEDGER_FILE,
-    Ledger,
-    LedgerError,
-    ProjectPaths,
-    SweepAlreadyRunning,
-    SweepLock,
-    TrialClaim,
-    TrialRecord,
-)
+from orchestrator.ledger import LEDGER_FILE, Ledger, LedgerError, TrialRecord
+from orchestrator.locks import SweepAlreadyRunning, SweepLock, TrialClaim
+from orchestrator.store import ProjectPaths
 
 from conftest import PYTHON, REPO, wait_for
 
@@ -87,7 +80,7 @@ def test_leftover_temp_file_is_ignored_and_a_corrupt_ledger_is_reported(tmp_path
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from orchestrator.ledger import SweepLock
+    from orchestrator.locks import SweepLock
     SweepLock(sys.argv[1], "demo").acquire()
     print("locked", flush=True)
     time.sleep(600)

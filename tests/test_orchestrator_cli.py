@@ -15,8 +15,9 @@ import pytest
 import yaml
 from rich.console import Console
 
-from orchestrator.cli import estimate_train_flops, main
-from orchestrator.runner import run_sweep
+from orchestrator.cli import main
+from orchestrator.commands import run_sweep
+from orchestrator.plan import estimate_train_flops
 from orchestrator.spec import load_spec
 
 from conftest import MICRO_BASE, PYTHON, REPO, orchestrator_env, pid_alive, read_ledger, wait_for, write_spec
@@ -187,6 +188,21 @@ def test_estimated_flops_grow_with_scale_steps_and_crops():
     assert estimate_train_flops({**micro, "schedule": {"steps": 20, "batch_size": 8}}) == 2 * estimate_train_flops(micro)
     assert estimate_train_flops({**micro, "model": {"scale": "base"}}) > 500 * estimate_train_flops(micro)
     assert estimate_train_flops({**micro, "framework": "dinov2"}) > 3 * estimate_train_flops(micro)
+
+
+@pytest.mark.parametrize("command", ["plan", "status"])
+def test_plan_and_status_start_without_heavy_imports(command, cli_env):
+    """Read-only commands answer fast: neither torch nor mlflow (nor, for a plain local sweep, the
+    search, cluster or plotting libraries) is imported to show a plan or a status."""
+    heavy = {"torch", "timm", "mlflow", "optuna", "ray", "submitit", "matplotlib"}
+    probe = ("import runpy, sys\n"
+             f"sys.argv = ['orchestrator', {command!r}, 'sweeps/component_ablation.yaml']\n"
+             "try:\n    runpy.run_module('orchestrator', run_name='__main__')\n"
+             "except SystemExit as end:\n    assert end.code == 0, end.code\n"
+             f"print('HEAVY', sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(heavy)!r})))")
+    done = subprocess.run([PYTHON, "-c", probe], cwd=REPO, capture_output=True, text=True, env=cli_env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY []", done.stdout[-2000:]
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.Popen:

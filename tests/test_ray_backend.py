@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestrator.backends import BackendError, JobHandle, JobStatus, backend_class, get_backend
+from orchestrator.spec import RayBackendSpec, RayOptions, ResourcesSpec
 
 from conftest import (MICRO_BASE, PYTHON, REPO, make_trial, pid_alive, read_ledger, submit, wait_finished,
                       wait_for, write_spec)
@@ -121,16 +121,27 @@ def ray_driver(ray_cluster):
         ray.shutdown()
 
 
+def ray_backend(max_parallel: int = 1, resources: dict | None = None, **options):
+    """A RayBackend as a spec with these resources and options builds it."""
+    from orchestrator.backends.ray import RayBackend
+
+    spec = RayBackendSpec(max_parallel=max_parallel, resources=ResourcesSpec(**(resources or {})),
+                          options=RayOptions(**options))
+    return RayBackend(spec)
+
+
 def cluster_backend(cluster: Cluster, stand_in=None, **kwargs):
     from orchestrator.backends.ray import RayBackend
 
-    resources = {"cpus_per_trial": 1, "mem_gb": 0.25, **kwargs.pop("resources", {})}
+    # model_construct: a time limit of seconds (time_min < 1), which a spec cannot ask for
+    resources = ResourcesSpec.model_construct(**{"cpus_per_trial": 1, "mem_gb": 0.25, **kwargs.pop("resources", {})})
     if stand_in is not None:
         kwargs.setdefault("command", stand_in.command)
         kwargs.setdefault("env", {"STAND_IN_BEHAVIOR": str(stand_in.behavior_file),
                                   "STAND_IN_EVENTS": str(stand_in.events_file)})
-    return RayBackend(max_parallel=kwargs.pop("max_parallel", 2), resources=resources,
-                      options={"address": cluster.address}, **kwargs)
+    spec = RayBackendSpec(max_parallel=kwargs.pop("max_parallel", 2), resources=resources,
+                          options=RayOptions(address=cluster.address, **kwargs))
+    return RayBackend(spec)
 
 
 def wait_status(backend, handle, status: JobStatus, timeout: float = 60.0) -> None:
@@ -146,8 +157,10 @@ def test_registered_lazy_and_built_from_a_spec(tmp_path):
     code = (
         "import sys\n"
         "from orchestrator.backends import backend_class\n"
+        "from orchestrator.spec import RayBackendSpec, ResourcesSpec\n"
         "cls = backend_class('ray')\n"
-        "b = cls(max_parallel=3, resources={'cpus_per_trial': 2, 'gpus_per_trial': 1, 'mem_gb': 1.5, 'time_min': 2})\n"
+        "b = cls(RayBackendSpec(max_parallel=3, resources=ResourcesSpec(cpus_per_trial=2, gpus_per_trial=1, mem_gb=1.5,\n"
+        "                                                               time_min=2)))\n"
         "h = {'trial_id': 't', 'backend': 'ray', 'job_id': 'trial-t-1', 'run_dir': '/nonexistent', 'log_path': '/x',\n"
         "     'info': {'local_cluster': True}}\n"
         "assert b.reattach(h) is None\n"  # a local cluster's trials died with it: no connection needed
@@ -174,20 +187,18 @@ def test_registered_lazy_and_built_from_a_spec(tmp_path):
 
 
 def test_requests_no_node_can_hold_are_refused_on_a_local_cluster():
-    from orchestrator.backends.ray import RayBackend
-
     class FakeRay:
         @staticmethod
         def nodes():
             return [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 8 * 2**30}},
                     {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0, "memory": 512 * 2**30}}]
 
-    fits = RayBackend(resources={"cpus_per_trial": 2, "mem_gb": 4})
+    fits = ray_backend(resources={"cpus_per_trial": 2, "mem_gb": 4})
     fits._check_feasible(FakeRay())
-    too_big = RayBackend(resources={"cpus_per_trial": 1, "gpus_per_trial": 1, "mem_gb": 4})
+    too_big = ray_backend(resources={"cpus_per_trial": 1, "gpus_per_trial": 1, "mem_gb": 4})
     with pytest.raises(BackendError, match="no Ray node can hold one trial"):
         too_big._check_feasible(FakeRay())  # a local cluster never grows: it would wait forever
-    remote = RayBackend(resources={"cpus_per_trial": 4}, options={"address": "ray://head:10001"})
+    remote = ray_backend(resources={"cpus_per_trial": 4}, address="ray://head:10001")
     with pytest.warns(UserWarning, match="no Ray node can hold one trial"):
         remote._check_feasible(FakeRay())  # an autoscaler may add a node that fits
 
@@ -196,7 +207,8 @@ def test_outcomes_and_ray_errors_map_to_failure_classes(tmp_path):
     """How an attempt ended -> the runner's failure class (transient ones are retried)."""
     import ray
 
-    from orchestrator.backends.ray import _classify_ray_error, _state_from_disk
+    from orchestrator.backends.ray.outcome import classify_ray_error as _classify_ray_error
+    from orchestrator.backends.ray.outcome import state_from_outcome as _state_from_disk
 
     handle = JobHandle(trial_id="t", backend="ray", job_id="trial-t-1", run_dir=tmp_path, log_path=tmp_path / "log",
                        info={"attempt": "1", "time_limit_s": 60.0})
@@ -268,8 +280,6 @@ def test_slots_states_and_per_trial_resources(tmp_path, stand_in, ray_driver):
 
 
 def test_cancel_sigterm_first_time_limit_and_reattach(tmp_path, stand_in, ray_driver):
-    from orchestrator.backends.ray import RayBackend
-
     stand_in.behave(long={"sleep": 60}, stubborn={"sleep": 60, "ignore_sigterm": True})
     backend = cluster_backend(ray_driver, stand_in, max_parallel=2, grace_s=5)
     long_trial, stubborn = make_trial("long"), make_trial("stubborn")
@@ -288,7 +298,7 @@ def test_cancel_sigterm_first_time_limit_and_reattach(tmp_path, stand_in, ray_dr
     assert second.poll([again])[long_trial.trial_id].status == JobStatus.RUNNING
     assert second.reattach({**saved, "info": {**saved["info"], "attempt": "other"}}) is None  # not this attempt
     assert second.reattach({**saved, "job_id": "trial-gone-1", "info": {**saved["info"], "actor": "trial-gone-1"}}) is None
-    assert RayBackend().reattach({**saved, "info": {**saved["info"], "local_cluster": True}}) is None
+    assert ray_backend().reattach({**saved, "info": {**saved["info"], "local_cluster": True}}) is None
 
     # Cancel: SIGTERM first (the trainer checkpoints and exits 75), no need to wait out the grace.
     run_dir = tmp_path / long_trial.trial_id
@@ -515,7 +525,7 @@ def test_a_search_runs_its_trials_on_ray(tmp_path, project_root, stand_in, ray_d
     import optuna
     from rich.console import Console
 
-    from orchestrator.runner import run_sweep
+    from orchestrator.commands import run_sweep
     from orchestrator.spec import load_spec
     from test_search import search_spec, studies
 

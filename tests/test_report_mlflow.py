@@ -9,13 +9,14 @@ import math
 import statistics
 
 import pytest
-import yaml
+from support import synthetic
 
 from orchestrator.identity import code_version
-from orchestrator.ledger import Ledger, ProjectPaths, TrialRecord
-from orchestrator.report import build_report, synthetic
-from orchestrator.report.collect import fetch_mlflow_runs
+from orchestrator.ledger import Ledger, TrialRecord
+from orchestrator.report import build_report
+from orchestrator.report.mlflow_runs import fetch_mlflow_runs
 from orchestrator.spec import expand, load_spec, spec_hash
+from orchestrator.store import ProjectPaths
 
 SEEDS = (0, 1, 2)
 pytestmark = pytest.mark.filterwarnings("ignore:.*noload.*")  # inside MLflow's own SQLAlchemy store
@@ -36,10 +37,9 @@ def make_sweep(root, *, name="mini_ablation", tracking_uri=None):
             continue
         results[plan.trial_id] = synthetic.synthetic_result(plan.cell, seed, "nan" if (variant, seed) == ("paper", 2)
                                                             else None)
-    synthetic.write_results(paths.trials_dir, results)
+    synthetic.write_results(paths, results)
     for plan in plans:  # what the runner writes next to each trial: its config
-        (paths.trial_dir(plan.trial_id) / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
-        (paths.trial_dir(plan.trial_id) / "config.yaml").write_text(yaml.safe_dump(plan.config))
+        paths.trial(plan.trial_id).write_config(plan.config)
     ledger = Ledger.for_sweep(paths.resolve(spec.output_dir))
     for plan in plans:
         state = "running" if plan is running else ("failed" if results[plan.trial_id]["status"] == "failed" else "done")
@@ -195,7 +195,7 @@ def test_an_mlflow_store_without_this_sweep_also_falls_back(tracked, tmp_path):
 
 def test_after_a_trainer_change_the_same_configs_from_mlflow_are_shown_with_a_warning(tracked, tmp_path):
     # A new trainer version gives every trial a new id: nothing has run under it yet.
-    output = build_report(tracked["spec"], tmp_path / "stale.md", root=tracked["root"],
+    output = build_report(tracked["spec"], output=tmp_path / "stale.md", root=tracked["root"],
                           current_code_version="c0dec0dec0de")
     text = output.read_text()
     assert "7 done · 0 failed · 0 running · 2 planned (of 9; 7 done only under an earlier trainer code version)" in text
@@ -209,7 +209,7 @@ def test_after_a_trainer_change_the_same_configs_from_mlflow_are_shown_with_a_wa
 
 def test_a_changed_config_is_never_borrowed(tracked, tmp_path):
     spec = load_spec(tracked["spec"].source, overrides=["base.schedule.steps=50"])
-    text = build_report(spec, tmp_path / "changed.md", root=tracked["root"],
+    text = build_report(spec, output=tmp_path / "changed.md", root=tracked["root"],
                         current_code_version="c0dec0dec0de").read_text()
     assert "0 done · 0 failed · 0 running · 9 planned (of 9)" in text
 

@@ -14,18 +14,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from orchestrator.report.collect import Collection, TrialOutcome
-from orchestrator.report.metrics import table_metrics
-from orchestrator.report.render import (
-    ReportHeader,
-    TableAssets,
-    at_a_glance,
-    report_markdown,
-    table_csv,
-    table_markdown,
-    value_text,
-)
-from orchestrator.report.tables import build_tables
+from orchestrator.report.csv_export import table_csv
+from orchestrator.report.document import ReportHeader, TableAssets, report_markdown
+from orchestrator.report.glance import at_a_glance
+from orchestrator.report.markdown_table import table_markdown, value_text
+from orchestrator.report.metrics import metric_spec, table_metrics
+from orchestrator.report.outcome import Collection, TrialOutcome
+from orchestrator.report.stats import summarize
+from orchestrator.report.tables import MetricCell, build_tables
 
 
 @dataclass
@@ -288,10 +284,6 @@ def test_at_a_glance_warns_about_many_uncorrected_intervals():
 
 
 def test_identical_seeds_keep_their_zero_std_but_constant_costs_do_not():
-    from orchestrator.report.metrics import metric_spec
-    from orchestrator.report.stats import summarize
-    from orchestrator.report.tables import MetricCell
-
     same = MetricCell(summary=summarize([0.375, 0.375]))
     assert value_text(metric_spec("linear_top1_cls"), same, 2) == "37.50 ± 0.00"
     assert value_text(metric_spec("params_total"), MetricCell(summary=summarize([2e6, 2e6])), 2) == "2.00"

@@ -32,16 +32,15 @@ import yaml
 
 from conftest import MICRO_BASE, PYTHON, REPO, make_trial, read_ledger, wait_for, write_spec
 
-from orchestrator.backends import backend_class, is_transient
-from orchestrator.backends.base import JobHandle, JobStatus
-from orchestrator.backends.slurm import (
-    SlurmBackend,
-    SlurmRecord,
-    load_profile,
-    parse_sacct,
-    spec_resource_overrides,
-    trial_resources,
-)
+from orchestrator.backends import backend_class
+from orchestrator.backends.base import JobHandle, JobStatus, Submission
+from orchestrator.backends.slurm import SlurmBackend
+from orchestrator.backends.slurm.resources import spec_resource_overrides, trial_resources
+from orchestrator.backends.slurm.watcher import SlurmRecord, parse_sacct
+from orchestrator.spec import ResourcesSpec, SlurmBackendSpec, SlurmOptions
+from orchestrator.spec.profiles import load_profile
+from orchestrator.store import TrialDir
+from trainer.contract import is_transient
 
 GOLDEN = Path(__file__).parent / "golden"
 HAVE_SLURM = shutil.which("sinfo") is not None
@@ -63,6 +62,14 @@ def cluster() -> str:
         pytest.fail(f"sinfo is installed but the cluster is not usable ({proc.stderr.strip() or states}); "
                     "run `sudo slurm/up.sh`")
     return states[0]
+
+
+def slurm_backend(max_parallel: int = 1, *, resources: dict | None = None, poll_min_s: float | None = None,
+                  poll_max_s: float | None = None, **options) -> SlurmBackend:
+    """A backend as a spec with these options (and its profile, loaded as load_spec does) builds it."""
+    spec = SlurmBackendSpec(max_parallel=max_parallel, resources=ResourcesSpec(**(resources or {})),
+                            options=SlurmOptions(**options), profile=load_profile(options.get("profile")))
+    return SlurmBackend(spec, poll_min_s=poll_min_s, poll_max_s=poll_max_s)
 
 
 def profile_file(tmp_path: Path, **changes) -> Path:
@@ -124,17 +131,17 @@ def test_profiles_resources_and_spec_overrides():
     assert (huge.nodes, huge.gpus_per_node, huge.tasks_per_node, huge.num_tasks) == (4, 8, 8, 32)
     assert trial_resources(local, "micro", {}).mem_mb == 2048
     # The spec's resources win where they differ from the schema defaults (what a spec writes) ...
-    spec_res = {"cpus_per_trial": 1, "gpus_per_trial": 0, "mem_gb": 4, "time_min": 30, "nodes": 1}
+    spec_res = ResourcesSpec(time_min=30)  # the others keep the schema defaults, unwritten
     assert spec_resource_overrides(spec_res) == {"time_min": 30}
     assert trial_resources(local, "micro", spec_resource_overrides(spec_res)).time_min == 30
-    # ... or exactly the keys it wrote, when the spec says which
-    assert spec_resource_overrides(spec_res, explicit=["mem_gb"]) == {"mem_gb": 4}
+    # ... exactly the keys it wrote, even where it wrote a schema default
+    assert spec_resource_overrides(ResourcesSpec(mem_gb=4)) == {"mem_gb": 4}
     # Every paper sweep names a shipped profile, and its explicit resources size the jobs.
     from orchestrator.spec import load_spec
 
     for path in sorted((REPO / "sweeps" / "paper").glob("*.yaml")):
         spec = load_spec(path)
-        backend = SlurmBackend.from_spec(spec.backend)
+        backend = SlurmBackend(spec.backend)
         res = trial_resources(backend.profile, "base", backend.overrides)
         assert res.gpus_per_node == 8 and res.tasks_per_node == 8, path
 
@@ -159,12 +166,12 @@ def _normalize(text: str, tmp_path: Path) -> str:
 @pytest.mark.parametrize("case", ["array_local", "multinode_a100"])
 def test_sbatch_script_matches_golden(tmp_path, case):
     if case == "array_local":
-        backend = SlurmBackend(max_parallel=4, options={"profile": "local"})
+        backend = slurm_backend(max_parallel=4, profile="local")
         trials = [make_trial(f"golden{i}", model={"scale": "micro"}) for i in range(2)]
     else:
-        backend = SlurmBackend(max_parallel=2, options={"profile": "example_a100", "setup": ["echo ready"]})
+        backend = slurm_backend(max_parallel=2, profile="example_a100", setup=["echo ready"])
         trials = [make_trial("golden_huge", model={"scale": "huge"})]
-    items = [(t, trial_dir(tmp_path, t)) for t in trials]
+    items = [Submission(t, TrialDir(trial_dir(tmp_path, t))) for t in trials]
     text = _normalize(backend.sbatch_script(items), tmp_path)
     golden = GOLDEN / f"sbatch_{case}.txt"
     if os.environ.get("UPDATE_GOLDEN"):
@@ -175,11 +182,11 @@ def test_sbatch_script_matches_golden(tmp_path, case):
 
 
 def test_one_sacct_per_poll_for_all_jobs_with_backoff(tmp_path, monkeypatch):
-    import orchestrator.backends.slurm as slurm
+    import orchestrator.backends.slurm.watcher as watcher
 
     clock = [1000.0]
     calls: list[list[str]] = []
-    monkeypatch.setattr(slurm.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(watcher.time, "monotonic", lambda: clock[0])
     states = {"100_0": "RUNNING", "100_1": "PENDING", "101": "RUNNING"}
 
     def fake_run(argv, timeout=60.0):
@@ -188,8 +195,8 @@ def test_one_sacct_per_poll_for_all_jobs_with_backoff(tmp_path, monkeypatch):
         out = "".join(f"{j}|{s}|0:0\n" for j, s in states.items())
         return subprocess.CompletedProcess(argv, 0, out, "")
 
-    monkeypatch.setattr(slurm, "_run", fake_run)
-    backend = SlurmBackend(max_parallel=3, options={"profile": "local"}, poll_min_s=1, poll_max_s=8)
+    monkeypatch.setattr(watcher, "run", fake_run)
+    backend = slurm_backend(max_parallel=3, profile="local", poll_min_s=1, poll_max_s=8)
     handles = [JobHandle(f"t{j}", "slurm", j, tmp_path / j, tmp_path / j / "trainer.log", submitted_at=time.time())
                for j in states]
     first = backend.poll(handles)
@@ -215,7 +222,7 @@ def test_one_sacct_per_poll_for_all_jobs_with_backoff(tmp_path, monkeypatch):
 
 
 def test_slurm_states_map_to_job_states(tmp_path):
-    backend = SlurmBackend(max_parallel=1, options={"profile": "local"})
+    backend = slurm_backend(max_parallel=1, profile="local")
     backend.result_grace_s = 0
 
     def state(slurm_state, exit_sig=0, result=None, trainer_exit=None, log_err="", age=0.0):
@@ -227,7 +234,7 @@ def test_slurm_states_map_to_job_states(tmp_path):
             (run_dir / "slurm" / "7.json").write_text(json.dumps({"trainer_exit": trainer_exit}))
         (run_dir / "slurm" / "7_0_log.err").write_text(log_err)
         handle = JobHandle("t", "slurm", "7", run_dir, run_dir / "trainer.log", submitted_at=time.time() - age)
-        backend._records = {"7": SlurmRecord("7", slurm_state, 0, exit_sig)} if slurm_state else {}
+        backend.watcher.records = {"7": SlurmRecord("7", slurm_state, 0, exit_sig)} if slurm_state else {}
         backend._first_seen.clear()
         s = backend._state_for(handle)
         return (s.status.value, s.failure_class)
@@ -272,12 +279,13 @@ def test_snapshot_and_distributed_env_of_a_two_task_job(tmp_path, cluster):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     profile = profile_file(tmp_path, scales={"micro": {"cpus": 2, "tasks_per_node": 2, "mem_gb": 1, "time_min": 5}})
-    backend = SlurmBackend(max_parallel=1, options={"profile": str(profile), "command": f"{PYTHON} {probe}"})
+    backend = slurm_backend(max_parallel=1, profile=str(profile), command=f"{PYTHON} {probe}")
     trial = make_trial("probe", model={"scale": "micro"})
     run_dir = trial_dir(tmp_path, trial)
-    handle = backend.submit(trial, run_dir)
+    handle = backend.submit(trial, TrialDir(run_dir))
     assert wait_job_done(backend, handle, timeout=120).status == JobStatus.DONE
-    assert backend.describe([handle]) == {trial.trial_id: "COMPLETED"}
+    backend.watcher.refresh([handle.job_id])
+    assert backend.watcher.records[handle.job_id].state == "COMPLETED"
     snapshot = Path(handle.info["snapshot"])
     assert snapshot.parent == tmp_path / "runs" / "snapshots" and (snapshot / "pyproject.toml").is_file()
     from orchestrator.identity import code_version
@@ -298,10 +306,10 @@ def test_snapshot_and_distributed_env_of_a_two_task_job(tmp_path, cluster):
 def test_trials_submitted_together_go_out_as_one_job_array(tmp_path, cluster):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    backend = SlurmBackend(max_parallel=3, options={"profile": str(profile_file(tmp_path)), "array_parallelism": 2,
-                                                    "command": f"{PYTHON} {probe}"})
+    backend = slurm_backend(max_parallel=3, profile=str(profile_file(tmp_path)), array_parallelism=2,
+                            command=f"{PYTHON} {probe}")
     trials = [make_trial(f"array{i}", model={"scale": "micro"}) for i in range(3)]
-    handles = backend.submit_many([(t, trial_dir(tmp_path, t)) for t in trials])
+    handles = backend.submit_many([Submission(t, TrialDir(trial_dir(tmp_path, t))) for t in trials])
     base = handles[0].info["array_job_id"]
     assert [h.job_id for h in handles] == [f"{base}_{i}" for i in range(3)]
     assert backend.active == 3 and backend.free_slots == 0
@@ -446,11 +454,10 @@ time.sleep(300)
 def test_time_limit_signal_checkpoints_the_trainer_and_requeues_the_same_job(tmp_path, cluster):
     script = tmp_path / "stoppable.py"
     script.write_text(STOPPABLE)
-    backend = SlurmBackend(max_parallel=1, options={"profile": str(profile_file(tmp_path)),
-                                                    "command": f"{PYTHON} {script}"})
+    backend = slurm_backend(max_parallel=1, profile=str(profile_file(tmp_path)), command=f"{PYTHON} {script}")
     trial = make_trial("stoppable", model={"scale": "micro"})
     run_dir = trial_dir(tmp_path, trial)
-    handle = backend.submit(trial, run_dir)
+    handle = backend.submit(trial, TrialDir(run_dir))
     wait_for(lambda: (run_dir / "ready").exists(), timeout=60, what="the job to start")
     # What Slurm sends `signal_delay_s` before the time limit (and what submitit listens for).
     subprocess.run(["scancel", "--signal=USR2", handle.job_id], check=True)
@@ -542,10 +549,10 @@ def test_errors_are_not_retried_but_killed_jobs_are(tmp_path, project_root, cli_
 
 @needs_cluster
 def test_memory_limit_exceeded_is_oom_and_transient(tmp_path, cluster):
-    backend = SlurmBackend(max_parallel=1, resources={"mem_gb": 0.15}, options={"profile": str(profile_file(tmp_path))})
+    backend = slurm_backend(max_parallel=1, resources={"mem_gb": 0.15}, profile=str(profile_file(tmp_path)))
     trial = make_trial("hog", **micro())
     run_dir = trial_dir(tmp_path, trial)
-    handle = backend.submit(trial, run_dir)
+    handle = backend.submit(trial, TrialDir(run_dir))
     assert handle.info["resources"]["mem_mb"] == 154
     state = wait_job_done(backend, handle, timeout=120)
     assert (state.status, state.failure_class) == (JobStatus.FAILED, "oom"), state

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.identity import code_version, trial_id
 from orchestrator.plan import diff_plan
 from orchestrator.spec import SpecError, SweepSpec, TrialPlan, expand, load_spec, spec_hash
-from trainer.config import TrackingConfig, parse_config
+from trainer.config import TrackingConfig, TrialConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION = "test-code"  # a fixed code version: these tests are about the spec, not the trainer's source
@@ -165,8 +166,6 @@ def test_every_trial_config_is_a_valid_trial_with_default_tracking(tmp_path):
 
 
 def test_every_id_is_the_hash_of_its_own_config(tmp_path):
-    from orchestrator.identity import trial_id
-
     spec = load(tmp_path, """
         seeds: [0, 5]
         axes:
@@ -262,8 +261,6 @@ def test_ids_are_deterministic_and_follow_the_code_version(tmp_path):
 
 
 def test_expand_defaults_to_the_trainer_code_version(tmp_path):
-    from orchestrator.identity import code_version
-
     spec = load(tmp_path, TWO_AXES)
     assert [t.trial_id for t in expand(spec)] == [t.trial_id for t in expand(spec, code_version())]
 
@@ -276,6 +273,24 @@ def test_spec_hash_follows_what_changes_trials_only(tmp_path):
     assert spec_hash(load(tmp_path, TWO_AXES, overrides=("seeds=[0,1]",))) != spec_hash(spec)
     assert spec_hash(load(tmp_path, TWO_AXES, overrides=("base.schedule.steps=50",))) != spec_hash(spec)
     assert len(spec_hash(spec)) == 16
+
+
+def test_the_spec_is_resolved_once_by_load_spec(tmp_path, monkeypatch):
+    """expand and spec_hash reuse the resolution load_spec made: no trial config is validated again."""
+    validated: list[dict] = []
+    original = TrialConfig.model_validate
+    monkeypatch.setattr(TrialConfig, "model_validate", lambda data, **kw: validated.append(data) or original(data, **kw))
+    spec = load(tmp_path, """
+        seeds: [0, 1]
+        axes:
+          specialization: {key: model.specialization, values: {none: none, paper: paper}}
+          model.reg_tokens: [2, 4]
+        """)
+    assert [data for data in validated if data == spec.base] == [spec.base]  # the base: once
+    after_load = len(validated)
+    assert len(expand(spec, VERSION)) == 8 and len(spec_hash(spec)) == 16
+    assert expand(spec.model_copy(update={"seeds": [3]}), VERSION)[0].seed == 3
+    assert len(validated) == after_load
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,7 +309,7 @@ def test_overrides_reach_any_key_and_apply_before_validation(tmp_path):
         "baseline.specialization=none",
     ))
     assert spec.backend.max_parallel == 4 and spec.backend.kind == "slurm"
-    assert spec.backend.options == {"partition": "gpu"}
+    assert spec.backend.options.partition == "gpu" and spec.backend.options.model_fields_set == {"partition"}
     assert spec.seeds == [0, 1, 2] and spec.axis("specialization").value_names == ["none"]
     assert spec.tracking.tracking_uri == "sqlite:///tmp/x.db"
     assert spec.overrides[0] == "backend.max_parallel=4"
@@ -344,7 +359,7 @@ def test_shipped_sweeps_load_and_expand(path):
     trials = expand(spec, VERSION)
     assert trials and len({t.trial_id for t in trials}) == len(trials)
     if "paper" in path.parts:
-        assert spec.backend.kind == "slurm" and spec.backend.options["profile"] == "slurm/profiles/default.yaml"
+        assert spec.backend.kind == "slurm" and spec.backend.options.profile == "slurm/profiles/default.yaml"
         assert all(t.config["data"]["dataset"] == "folders" for t in trials)
         assert trials[0].config["data"]["classification_root"] == "/datasets/imagenet"
     else:
@@ -383,7 +398,7 @@ def test_report_output_is_read_from_the_spec():
 def test_backend_records_which_resources_the_spec_wrote(tmp_path):
     """Only those beat a cluster profile: `time_min: 60` is a choice even though it is the default."""
     spec = load(tmp_path, TWO_AXES, "backend: {kind: slurm, resources: {time_min: 60, gpus_per_trial: 0}}")
-    assert spec.backend.resources_set == ("gpus_per_trial", "time_min")
-    assert spec.backend.resources["time_min"] == 60 and spec.backend.resources["mem_gb"] == 4
+    assert spec.backend.resources.model_fields_set == {"gpus_per_trial", "time_min"}
+    assert spec.backend.resources.time_min == 60 and spec.backend.resources.mem_gb == 4
     overridden = load(tmp_path, TWO_AXES, overrides=("backend.resources.mem_gb=16",))
-    assert overridden.backend.resources_set == ("mem_gb",)
+    assert overridden.backend.resources.model_fields_set == {"mem_gb"}

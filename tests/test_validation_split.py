@@ -12,7 +12,7 @@ import torch
 from trainer.config import ConfigError, parse_config
 from trainer.data import build_eval_datasets, build_train_dataset
 from trainer.data.build import holdout_indices, scenes_for
-from trainer.loop import PROGRESS, RESULT
+from trainer.contract import PROGRESS_FILE, RESULT_FILE
 
 from test_trainer_loop import run_trainer, tiny_config, write_config
 
@@ -67,12 +67,12 @@ def test_a_trial_writes_its_learning_curve_and_validation_metrics(tmp_path):
     out = tmp_path / "out"
     proc = run_trainer(write_config(tmp_path, data), out)
     assert proc.returncode == 0, proc.stderr
-    curve = [json.loads(line) for line in (out / PROGRESS).read_text().splitlines()]
+    curve = [json.loads(line) for line in (out / PROGRESS_FILE).read_text().splitlines()]
     assert [point["step"] for point in curve] == [4, 8]  # the end (step 12) is the final evaluation
     for point in curve:
         assert set(point["metrics"]) == {"val/linear_top1_cls", "val/linear_top1_cls_patch", "val/knn_top1"}
         assert all(0.0 <= v <= 1.0 for v in point["metrics"].values())
-    metrics = json.loads((out / RESULT).read_text())["metrics"]
+    metrics = json.loads((out / RESULT_FILE).read_text())["metrics"]
     for name in ("linear_top1_cls", "knn_top1", "depth_rmse"):  # test split, and the same on validation
         assert name in metrics and f"val/{name}" in metrics
 

@@ -1,7 +1,8 @@
 """`python -m trainer --config trial.yaml --out DIR`: train, evaluate and leave results in DIR.
 
-Exit codes: 0 done (or already done), 1 failed (DIR/result.json says why), 2 bad config,
-75 stopped by a signal after a checkpoint (run the same command again to resume).
+Exit codes (trainer.contract): 0 done (or already done), 1 failed (DIR/result.json says why),
+2 bad config or unusable --out, 75 stopped by a signal after a checkpoint (run the same command
+again to resume).
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from pathlib import Path
 import yaml
 
 from trainer.config import ConfigError, parse_config, read_config_data
+from trainer.contract import EXIT_BAD_CONFIG, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED
+from trainer.loop import Interrupted, Trial
+from trainer.out_dir import UnusableOutDir
+from trainer.yaml_guard import YamlGuardError, safe_load
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -26,7 +31,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = safe_load(raw)
+        except (YamlGuardError, yaml.YAMLError) as err:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {str(err).splitlines()[0]}") from None
     return data
 
 
@@ -43,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(apply_overrides(data, args.overrides), str(args.config or "--set"))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    from trainer.loop import EXIT_FAILED, EXIT_INTERRUPTED, Interrupted, Trial
+        return EXIT_BAD_CONFIG
 
     def log(message: str) -> None:
         print(f"[{cfg.name}] {message}", flush=True)
@@ -54,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         result = Trial(cfg, args.out, log=log).run()
     except Interrupted:
         return EXIT_INTERRUPTED
-    except SystemExit as err:  # a refused output folder
+    except UnusableOutDir as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0 if (not result or result.get("status") == "done") else EXIT_FAILED
+        return EXIT_BAD_CONFIG
+    return EXIT_DONE if (result is None or result.done) else EXIT_FAILED

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.specialization import Specialization
+from trainer.yaml_guard import YamlGuardError, safe_load
 
 Scale = Literal["micro", "tiny", "small", "base", "large", "huge"]
 Framework = Literal["supervised", "dinov2"]
@@ -144,7 +145,9 @@ class TrackingConfig(Section):
 class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: Literal["auto", "on", "off"] = "auto"
+    # on: torch.compile; reduce-overhead: torch.compile with CUDA graphs (GPU; fixed shapes, so not
+    # for DINOv2's multi-crop); auto: on for GPU, off for CPU.
+    compile: Literal["auto", "on", "off", "reduce-overhead"] = "auto"
     threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's")
 
     @field_validator("compile", mode="before")
@@ -221,13 +224,14 @@ def read_config_data(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load(path.read_text()) or {}
+    except YamlGuardError as err:
+        raise ConfigError(f"{path}: {err}" + (f" (line {err.line})" if err.line else "")) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
-
-def load_config(path: str | Path) -> TrialConfig:
-    return parse_config(read_config_data(path), str(path))

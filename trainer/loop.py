@@ -8,12 +8,9 @@ started again with the same DIR ends with the same final metrics as an uninterru
 
 from __future__ import annotations
 
-import math
 import signal
-import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,36 +21,49 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import trainer.models as tm
+from trainer.checkpoint import TrainState, apply_checkpoint, read_checkpoint, save_checkpoint
 from trainer.config import TrialConfig
-from trainer.data import resolve_img_size
-from trainer.io import append_jsonl, read_json, save_torch_atomic, write_json_atomic, write_text_atomic
+from trainer.data import build_eval_datasets, build_train_dataset, collate_multicrop, num_classes, resolve_img_size
+from trainer.contract import (
+    ERROR, NAN, OOM, PROGRESS_FILE, RESOLVED_CONFIG_FILE, RESULT_FILE, TOKEN_PLOT_FILE,
+    VALIDATION_PREFIX, TrialResult, append_jsonl, read_result, write_result, write_text_atomic,
+)
+from trainer.evaluation import evaluate
+from trainer.objectives import build_meta_arch
+from trainer.out_dir import claim_out_dir
+from trainer.objectives.schedules import cosine_schedule
 from trainer.runtime import Runtime, peak_memory_mb, setup_runtime, teardown_runtime
 from trainer.tracking import Tracker
 
-CHECKPOINT = "checkpoint.pt"
-RESULT = "result.json"
-RESOLVED_CONFIG = "config.resolved.yaml"
-PROGRESS = "progress.jsonl"  # one line per intermediate evaluation: {"step": s, "metrics": {...}}
-VALIDATION_PREFIX = "val/"  # metrics measured on the validation hold-out (data.val_fraction)
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; run again to resume
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    def __init__(self, value: float, step: int):
+        super().__init__(f"loss became {value} at step {step}")
+        self.step = step
+
+
+class LossHealth:
+    """Finiteness of the loss, tracked on the device: the first non-finite step and its value
+    are recorded without a host sync, and `check()` (one sync) raises for the step it happened."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        newly_bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(newly_bad, step, self.first_bad_step)
+        self.bad_value = torch.where(newly_bad, loss.detach().float(), self.bad_value)
+
+    def check(self) -> None:
+        step = int(self.first_bad_step)
+        if step >= 0:
+            raise NonFiniteLoss(float(self.bad_value), step)
 
 
 class Interrupted(Exception):
     pass
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    wall_time_s: float = 0.0  # summed over resumes
-    images_seen: int = 0
-    train_time_s: float = 0.0  # time spent in steps after warm-up, for img/s
-    last_metrics: dict[str, float] = field(default_factory=dict)
 
 
 # --- building ------------------------------------------------------------------------------------
@@ -97,27 +107,28 @@ def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, runt
             for b in range(global_batches)]
 
 
-# --- checkpoints -----------------------------------------------------------------------------------
+class RunBatches:
+    """Every remaining batch of the run, from `start_step` on, across epochs, as `(epoch, index)`
+    keys (`TrainDataset` reads the epoch from the key): one DataLoader, whose workers start once,
+    serves the whole run, and a resumed run continues with the very batch it stopped before."""
 
+    def __init__(self, num_samples: int, batch_size: int, seed: int, runtime: Runtime, start_step: int, steps: int):
+        self.num_samples, self.batch_size, self.seed, self.runtime = num_samples, batch_size, seed, runtime
+        self.start_step, self.steps = start_step, steps
+        self.per_epoch = num_samples // batch_size
 
-def save_checkpoint(path: Path, meta_arch: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
-    save_torch_atomic(path, {
-        "model": meta_arch.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "state": state.__dict__,
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    })
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start_step)
 
-
-def load_checkpoint(path: Path, meta_arch: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    meta_arch.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if ckpt.get("rng_cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-    return TrainState(**ckpt["state"])
+    def __iter__(self):
+        step = self.start_step
+        while step < self.steps:
+            epoch, offset = divmod(step, self.per_epoch)
+            for batch in epoch_batches(self.num_samples, self.batch_size, self.seed, epoch, self.runtime)[offset:]:
+                if step >= self.steps:
+                    return
+                yield [(epoch, index) for index in batch]
+                step += 1
 
 
 # --- the trial -------------------------------------------------------------------------------------
@@ -130,21 +141,20 @@ class Trial:
         self.log = log
         self._stop_signal: int | None = None
 
-    def run(self) -> dict[str, Any]:
-        """Train + evaluate; returns the result written to DIR/result.json (main process)."""
-        done = read_json(self.out_dir / RESULT)
-        if done and done.get("status") == "done":
+    def run(self) -> TrialResult | None:
+        """Train + evaluate; returns the result written to DIR/result.json (None on other ranks)."""
+        claim_out_dir(self.out_dir, self.cfg.to_dict())  # raises UnusableOutDir before any work
+        done = read_result(self.out_dir)
+        if done is not None and done.done:
             self.log(f"{self.out_dir} is finished already (result.json status done): nothing to do")
             return done
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._check_same_trial()
         runtime = setup_runtime(self.cfg.runtime)
         tracker = Tracker(self.cfg.tracking, self.out_dir, enabled=runtime.is_main)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         state = TrainState()
         try:
             if runtime.is_main:
-                write_text_atomic(self.out_dir / RESOLVED_CONFIG, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+                write_text_atomic(self.out_dir / RESOLVED_CONFIG_FILE, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             tracker.start(self.cfg.to_dict())
             result = self._train_and_evaluate(runtime, tracker, state)
             tracker.finish("FINISHED")
@@ -155,12 +165,12 @@ class Trial:
             raise
         except BaseException as err:
             failure = classify_failure(err)
-            result = {"status": "failed", "failure_class": failure, "error": _last_line(err),
-                      "metrics": state.last_metrics, "step": state.step, "wall_time_s": state.wall_time_s,
-                      "mlflow_run_id": tracker.run_id}
-            self.log(f"trial failed ({failure}): {result['error']}")
+            steps = err.step if isinstance(err, NonFiniteLoss) else state.step
+            result = TrialResult.failed(failure, _last_line(err), metrics=state.last_metrics, steps=steps,
+                                        wall_time_s=state.wall_time_s, mlflow_run_id=tracker.run_id)
+            self.log(f"trial failed ({failure}): {result.error}")
             if runtime.is_main:
-                write_json_atomic(self.out_dir / RESULT, result)
+                write_result(self.out_dir, result)
                 tracker.set_tags({"status": "failed", "failure_class": failure})
                 tracker.finish("FAILED")
             if isinstance(err, KeyboardInterrupt):
@@ -176,22 +186,7 @@ class Trial:
         # step boundary with a checkpoint, so the trial resumes instead of restarting.
         self._stop_signal = signum
 
-    def _check_same_trial(self) -> None:
-        previous = self.out_dir / RESOLVED_CONFIG
-        if not previous.exists():
-            return
-        old = yaml.safe_load(previous.read_text()) or {}
-        new = self.cfg.to_dict()
-        ignore = ("tracking", "name", "runtime")
-        if {k: v for k, v in old.items() if k not in ignore} != {k: v for k, v in new.items() if k not in ignore}:
-            raise SystemExit(f"{self.out_dir} holds a different trial (its {RESOLVED_CONFIG} differs); "
-                             "use another --out folder or delete this one")
-
-    def _train_and_evaluate(self, runtime: Runtime, tracker: Tracker, state: TrainState) -> dict[str, Any]:
-        from trainer.data import build_train_dataset, collate_multicrop, num_classes
-        from trainer.objectives import build_meta_arch
-        from trainer.objectives.schedules import cosine_schedule
-
+    def _train_and_evaluate(self, runtime: Runtime, tracker: Tracker, state: TrainState) -> TrialResult | None:
         cfg, sched, opt = self.cfg, self.cfg.schedule, self.cfg.optimizer
         if sched.batch_size % runtime.world_size:
             raise ValueError(f"schedule.batch_size {sched.batch_size} is not divisible by {runtime.world_size} processes")
@@ -200,11 +195,12 @@ class Trial:
         if len(dataset) < sched.batch_size:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than schedule.batch_size {sched.batch_size}")
         meta_arch = build_meta_arch(cfg, backbone_factory(cfg), num_classes(cfg), sched.steps).to(runtime.device)
-        optimizer = torch.optim.AdamW(meta_arch.trainable_parameters_groups(opt.weight_decay), lr=opt.lr, betas=opt.betas)
-        checkpoint = self.out_dir / CHECKPOINT
-        if checkpoint.exists():  # restores the RNG stream too
-            state.__dict__.update(load_checkpoint(checkpoint, meta_arch, optimizer).__dict__)
-            self.log(f"resumed from {checkpoint} at step {state.step}")
+        # Fused AdamW on GPU: one kernel for all parameters instead of several per tensor.
+        optimizer = torch.optim.AdamW(meta_arch.trainable_parameters_groups(opt.weight_decay), lr=opt.lr,
+                                      betas=opt.betas, fused=runtime.device.type == "cuda" or None)
+        ckpt = read_checkpoint(self.out_dir, self.log)
+        if ckpt is not None:  # restores the RNG stream too
+            state.__dict__.update(apply_checkpoint(ckpt, meta_arch, optimizer).__dict__)
         else:
             torch.manual_seed(cfg.seed * 7919 + runtime.rank)  # dropout/drop-path stream per process
 
@@ -212,72 +208,70 @@ class Trial:
         if runtime.distributed:
             model = nn.parallel.DistributedDataParallel(meta_arch, find_unused_parameters=cfg.framework == "dinov2")
         if runtime.compile:
-            model = torch.compile(model)
-        collate = collate_multicrop if cfg.framework == "dinov2" else None
-        batches_per_epoch = len(dataset) // sched.batch_size
+            model = torch.compile(model, mode=runtime.compile_mode)
+        cuda = runtime.device.type == "cuda"
+        loader = DataLoader(dataset, collate_fn=collate_multicrop if cfg.framework == "dinov2" else None,
+                            batch_sampler=RunBatches(len(dataset), sched.batch_size, cfg.seed, runtime,
+                                                     state.step, sched.steps),
+                            num_workers=cfg.data.num_workers, pin_memory=cuda,
+                            worker_init_fn=_ignore_stop_signals if cfg.data.num_workers else None)
         weight_decay = [g.get("weight_decay", 0.0) for g in optimizer.param_groups]
+        # The device never waits for the host: losses stay on the device and are read (one sync)
+        # only where the host needs them: log lines, evaluations, checkpoints and the end.
+        health = LossHealth(runtime.device)
+        losses: dict[str, torch.Tensor] = {}
 
         meta_arch.train()
         started = time.perf_counter()
         last_tick = started  # img/s counts data loading too: from the end of one step to the end of the next
-        while state.step < sched.steps:
-            epoch, offset = divmod(state.step, batches_per_epoch)
-            dataset.set_epoch(epoch)
-            batches = epoch_batches(len(dataset), sched.batch_size, cfg.seed, epoch, runtime)[offset:]
-            loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                num_workers=cfg.data.num_workers, persistent_workers=False,
-                                worker_init_fn=_ignore_stop_signals if cfg.data.num_workers else None)
-            for batch in loader:
-                lr = cosine_schedule(state.step, sched.steps, opt.lr, opt.min_lr, sched.warmup_steps)
-                for group, wd in zip(optimizer.param_groups, weight_decay):
-                    group["lr"], group["weight_decay"] = lr, wd
-                batch = _to_device(batch, runtime.device)
-                with runtime.autocast():
-                    losses = model(batch, state.step)
-                loss = losses["loss"]
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss became {loss.item()} at step {state.step}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if opt.grad_clip:
-                    nn.utils.clip_grad_norm_(meta_arch.parameters(), opt.grad_clip)
-                optimizer.step()
-                meta_arch.after_step(state.step)
-                state.step += 1
+        for batch in loader:
+            lr = cosine_schedule(state.step, sched.steps, opt.lr, opt.min_lr, sched.warmup_steps)
+            for group, wd in zip(optimizer.param_groups, weight_decay):
+                group["lr"], group["weight_decay"] = lr, wd
+            batch = _to_device(batch, runtime.device)
+            with runtime.autocast():
+                losses = model(batch, state.step)
+            health.observe(losses["loss"], state.step)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if opt.grad_clip:
+                nn.utils.clip_grad_norm_(meta_arch.parameters(), opt.grad_clip)
+            optimizer.step()
+            meta_arch.after_step(state.step)
+            state.step += 1
 
-                now = time.perf_counter()
-                elapsed, last_tick = now - last_tick, now
-                n_images = _batch_images(batch) * runtime.world_size
-                if state.step > 2:  # the first steps pay for allocation / compilation
-                    state.train_time_s += elapsed
-                    state.images_seen += n_images
+            now = time.perf_counter()
+            elapsed, last_tick = now - last_tick, now
+            n_images = _batch_images(batch) * runtime.world_size
+            if state.step > 2:  # the first steps pay for allocation / compilation
+                state.train_time_s += elapsed
+                state.images_seen += n_images
+            every = cfg.evaluation.every_steps
+            evaluate_now = bool(every) and state.step % every == 0 and state.step < sched.steps
+            stop = runtime.any_process(self._stop_signal is not None)
+            checkpoint_now = state.step % sched.checkpoint_every == 0 or state.step == sched.steps or stop
+            if state.step % sched.log_every == 0 or state.step == sched.steps or evaluate_now or checkpoint_now:
+                health.check()  # never log, evaluate or checkpoint a diverged model
                 state.last_metrics = {k: float(v.detach()) for k, v in losses.items()}
-                if state.step % sched.log_every == 0 or state.step == sched.steps:
-                    self._log_progress(state, started, lr, tracker)
-                every = cfg.evaluation.every_steps
-                # Before the checkpoint: a run killed in between evaluates this step again on resume
-                # (a repeated line in progress.jsonl) rather than never.
-                if every and state.step % every == 0 and state.step < sched.steps:
-                    self._intermediate_evaluation(runtime, tracker, state, meta_arch)
-                stop = runtime.any_process(self._stop_signal is not None)
-                if state.step % sched.checkpoint_every == 0 or state.step == sched.steps or stop:
-                    state.wall_time_s += time.perf_counter() - started
-                    started = time.perf_counter()
-                    if runtime.is_main:
-                        save_checkpoint(checkpoint, meta_arch, optimizer, state)
-                    runtime.barrier()
-                if stop:
-                    raise Interrupted()
-                if state.step >= sched.steps:
-                    break
+            if state.step % sched.log_every == 0 or state.step == sched.steps:
+                self._log_progress(state, started, lr, tracker)
+            # Before the checkpoint: a run killed in between evaluates this step again on resume
+            # (a repeated line in progress.jsonl) rather than never.
+            if evaluate_now:
+                self._intermediate_evaluation(runtime, tracker, state, meta_arch)
+            if checkpoint_now:
+                state.wall_time_s += time.perf_counter() - started
+                started = time.perf_counter()
+                if runtime.is_main:
+                    save_checkpoint(self.out_dir, meta_arch, optimizer, state)
+                runtime.barrier()
+            if stop:
+                raise Interrupted()
         return self._finish(runtime, tracker, state, meta_arch)
 
     def _intermediate_evaluation(self, runtime: Runtime, tracker: Tracker, state: TrainState, meta_arch) -> None:
         """The cheap global probes on the validation split, appended to DIR/progress.jsonl: the
         learning curve a hyperparameter search prunes on. Dense probes wait for the end."""
-        from trainer.data import build_eval_datasets
-        from trainer.evaluation import evaluate
-
         if runtime.is_main:
             started = time.perf_counter()
             quick = self.cfg.evaluation.model_copy(update={"segmentation": False, "depth": False,
@@ -285,7 +279,7 @@ class Trial:
             metrics = evaluate(meta_arch.eval_backbone, build_eval_datasets(self.cfg, "validation"), quick,
                                runtime.device, self.out_dir)
             metrics = {VALIDATION_PREFIX + k: v for k, v in metrics.items()}
-            append_jsonl(self.out_dir / PROGRESS, {"step": state.step, "metrics": metrics})
+            append_jsonl(self.out_dir / PROGRESS_FILE, {"step": state.step, "metrics": metrics})
             tracker.log_metrics(metrics, step=state.step)
             self.log(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
                      + f" ({time.perf_counter() - started:.1f} s)")
@@ -302,11 +296,8 @@ class Trial:
         tracker.log_metrics({f"train/{k}": v for k, v in state.last_metrics.items()} | {"train/lr": lr,
                             "train/img_per_s": img_s}, step=state.step)
 
-    def _finish(self, runtime: Runtime, tracker: Tracker, state: TrainState, meta_arch) -> dict[str, Any]:
-        from trainer.data import build_eval_datasets
-        from trainer.evaluation import evaluate
-
-        result: dict[str, Any] = {}
+    def _finish(self, runtime: Runtime, tracker: Tracker, state: TrainState, meta_arch) -> TrialResult | None:
+        result = None
         if runtime.is_main:
             backbone = meta_arch.eval_backbone
             eval_start = time.perf_counter()
@@ -319,29 +310,19 @@ class Trial:
             eval_time = time.perf_counter() - eval_start
             params = tm.parameter_report(backbone)
             flops = tm.count_flops(backbone, resolve_img_size(self.cfg))
-            result = {
-                "status": "done",
-                "failure_class": None,
-                "error": None,
-                "metrics": metrics,
-                "train": state.last_metrics,
-                "params": params.as_dict(),
-                "flops": flops,
-                "throughput_img_s": state.images_seen / state.train_time_s if state.train_time_s else None,
-                "wall_time_s": state.wall_time_s,
-                "eval_time_s": eval_time,
-                "peak_memory_mb": peak_memory_mb(runtime.device),
-                "steps": state.step,
-                "world_size": runtime.world_size,
-                "device": str(runtime.device),
-                "mlflow_run_id": tracker.run_id,
-            }
-            summary = {k: v for k, v in params.as_dict().items()} | {
-                "flops": flops, "throughput_img_s": result["throughput_img_s"] or 0.0,
-                "wall_time_s": state.wall_time_s, "peak_memory_mb": result["peak_memory_mb"]}
+            throughput = state.images_seen / state.train_time_s if state.train_time_s else None
+            result = TrialResult(
+                status="done", metrics=metrics, train=state.last_metrics, params=params.as_dict(), flops=flops,
+                throughput_img_s=throughput, wall_time_s=state.wall_time_s, eval_time_s=eval_time,
+                peak_memory_mb=peak_memory_mb(runtime.device), steps=state.step, world_size=runtime.world_size,
+                device=str(runtime.device), mlflow_run_id=tracker.run_id,
+            )
+            summary = params.as_dict() | {
+                "flops": flops, "throughput_img_s": throughput or 0.0,
+                "wall_time_s": state.wall_time_s, "peak_memory_mb": result.peak_memory_mb}
             tracker.log_metrics(metrics | summary, step=state.step)
-            write_json_atomic(self.out_dir / RESULT, result)
-            for artifact in (RESOLVED_CONFIG, RESULT, "token_interaction.png"):
+            write_result(self.out_dir, result)
+            for artifact in (RESOLVED_CONFIG_FILE, RESULT_FILE, TOKEN_PLOT_FILE):
                 tracker.log_artifact(self.out_dir / artifact)
             self.log("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/block" not in k))
         runtime.barrier()
@@ -375,10 +356,10 @@ def _batch_images(batch: Any) -> int:
 
 def classify_failure(err: BaseException) -> str:
     if isinstance(err, NonFiniteLoss):
-        return "nan"
+        return NAN
     if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower():
-        return "oom"
-    return "error"
+        return OOM
+    return ERROR
 
 
 def _last_line(err: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ class Runtime:
     device: torch.device
     bf16: bool
     compile: bool
+    compile_mode: str | None = None  # torch.compile's mode: None (default) or "reduce-overhead" (CUDA graphs)
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
@@ -66,8 +68,10 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-    compile_ = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
-    return Runtime(device=device, bf16=bf16, compile=compile_, rank=rank, local_rank=local_rank, world_size=world_size)
+    compile_ = cfg.compile in ("on", "reduce-overhead") or (cfg.compile == "auto" and cuda)
+    mode = "reduce-overhead" if cfg.compile == "reduce-overhead" else None
+    return Runtime(device=device, bf16=bf16, compile=compile_, compile_mode=mode, rank=rank, local_rank=local_rank,
+                   world_size=world_size)
 
 
 def teardown_runtime(runtime: Runtime) -> None:
@@ -78,6 +82,4 @@ def teardown_runtime(runtime: Runtime) -> None:
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

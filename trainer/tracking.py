@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from trainer.config import TrackingConfig
+from trainer.contract import RUN_ID_FILE, write_text_atomic
 
-RUN_ID_FILE = "mlflow_run_id"
 T = TypeVar("T")
 
 
@@ -37,11 +37,20 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+def config_params(config: dict[str, Any]) -> dict[str, str]:
+    """A trial config as MLflow params: flattened, values as text, without the `tracking` section
+    (where a trial logs is no parameter of it). The orchestrator's sync writes the same params."""
+    return {k: ("" if v is None else str(v))[:MAX_PARAM_CHARS] for k, v in flatten(dict(config)).items()
+            if k.split(".")[0] != "tracking"}
+
+
 def artifact_root_for(uri: str) -> str | None:
     """Keep artifacts beside a local SQLite store instead of in the current directory."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    return (Path(path).parent / "mlartifacts").resolve().as_uri() if path and path != ":memory:" else None
 
 
 class Tracker:
@@ -72,7 +81,7 @@ class Tracker:
     def start(self, config: dict[str, Any]) -> str | None:
         if not self.enabled:
             return None
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # mlflow is heavy: only a trial that logs pays for it
 
         uri = self.cfg.tracking_uri or default_tracking_uri()
         self.client = MlflowClient(tracking_uri=uri)
@@ -83,8 +92,6 @@ class Tracker:
             self.run_id = known
             self._call("resume", lambda: self.client.update_run(known, status="RUNNING"))
             if not run_file.exists() or run_file.read_text().strip() != known:
-                from trainer.io import write_text_atomic
-
                 write_text_atomic(run_file, known)
             return known
 
@@ -100,11 +107,9 @@ class Tracker:
             self.enabled = False
             return None
         self.run_id = run.info.run_id
-        from trainer.io import write_text_atomic
 
         write_text_atomic(run_file, self.run_id)
-        params = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(config).items() if k.split(".")[0] != "tracking"}
-        self.log_params(params)
+        self.log_params(config_params(config))
         return self.run_id
 
     def _experiment_id(self, name: str, uri: str) -> str:
@@ -123,7 +128,7 @@ class Tracker:
     def log_params(self, params: dict[str, str]) -> None:
         if not (self.enabled and self.run_id):
             return
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # as above: mlflow only when logging
 
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
@@ -132,7 +137,7 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not (self.enabled and self.run_id):
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # as above: mlflow only when logging
 
         now = int(time.time() * 1000)
         items = [Metric(k.replace("@", "_"), float(v), now, step or 0) for k, v in metrics.items()

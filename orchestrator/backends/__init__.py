@@ -1,8 +1,8 @@
 """Backends by name: `get_backend(spec.backend)` builds the one a sweep asks for.
 
-The registry is open: a module `orchestrator/backends/<kind>.py` that decorates its class with
-`@register_backend("<kind>")` is found on first use (imported lazily, so `slurm`/`ray` cost nothing
-to sweeps that do not use them). Third-party code can call `register_backend` directly.
+The registry is open: a module or package `orchestrator/backends/<kind>` whose class is decorated
+with `@register_backend("<kind>")` is found on first use (imported lazily, so `slurm`/`ray` cost
+nothing to sweeps that do not use them). Third-party code can call `register_backend` directly.
 """
 
 from __future__ import annotations
@@ -10,17 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, TypeVar
 
-from orchestrator.backends.base import (
-    TRANSIENT_FAILURES,
-    Backend,
-    BackendError,
-    JobHandle,
-    JobState,
-    JobStatus,
-    is_transient,
-    read_result,
-    result_is_done,
-)
+from orchestrator.backends.base import Backend, BackendError, JobHandle, JobState, JobStatus, Submission
+from orchestrator.spec import BackendSpec
 
 _REGISTRY: dict[str, type[Backend]] = {}
 B = TypeVar("B", bound=type[Backend])
@@ -48,12 +39,13 @@ def backend_class(kind: str) -> type[Backend]:
     return _REGISTRY[kind]
 
 
-def get_backend(spec: Any, **overrides: Any) -> Backend:
-    """The backend for a `BackendSpec` (its `kind` picks the class); keyword overrides win."""
-    return backend_class(spec.kind).from_spec(spec, **overrides)
+def get_backend(spec: BackendSpec, **test_knobs: Any) -> Backend:
+    """The backend for the spec's backend settings (`spec.backend`; its `kind` picks the class).
+    `test_knobs`: settings that are not spec settings (poll intervals, ...), for tests."""
+    return backend_class(spec.kind)(spec, **test_knobs)
 
 
 __all__ = [
-    "TRANSIENT_FAILURES", "Backend", "BackendError", "JobHandle", "JobState", "JobStatus", "backend_class",
-    "get_backend", "is_transient", "read_result", "register_backend", "result_is_done",
+    "Backend", "BackendError", "JobHandle", "JobState", "JobStatus", "Submission", "backend_class", "get_backend",
+    "register_backend",
 ]

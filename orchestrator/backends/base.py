@@ -2,49 +2,34 @@
 
 Modelled on submitit's Executor/Job split, reduced to what a sweep needs:
 
-    backend.submit(trial, run_dir) -> JobHandle    # start (or queue) one trial
-    backend.poll(handles)          -> {trial_id: JobState}   # one batched call per loop tick
-    backend.cancel(handle)                         # stop it, resumably (SIGTERM, then SIGKILL)
-    backend.reattach(handle_dict)  -> JobHandle | None       # after an orchestrator restart
+    backend = get_backend(spec.backend)           # built from the spec's typed backend settings
+    backend.connect()                             # fail once, clearly, if the cluster is unreachable
+    backend.submit(trial, trial_dir) -> JobHandle # start (or queue) one trial
+    backend.submit_many(submissions)              # several at once (Slurm: one job array)
+    backend.poll(handles)  -> {trial_id: JobState}   # one batched call per loop tick
+    backend.cancel(handle)                        # stop it, resumably (SIGTERM, then SIGKILL)
+    backend.reattach(handle_dict) -> JobHandle | None   # after an orchestrator restart
     backend.close()
 
 A backend never decides retries and never writes the ledger: it reports what happened, with a
-failure class, and the runner decides. The trainer's own verdict is `DIR/result.json`; backends
-only add what the trainer could not write itself (killed by a signal, preempted, vanished).
+failure class (`trainer.contract`), and the runner decides. The trainer's own verdict is
+`DIR/result.json`; backends only add what the trainer could not write itself (killed by a signal,
+preempted, vanished, over a time limit).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-if TYPE_CHECKING:
-    from orchestrator.spec import TrialPlan
-
-RESULT_FILE = "result.json"
-CONFIG_FILE = "config.yaml"
-LOG_FILE = "trainer.log"
-
-# Failure classes. The trainer writes nan/oom/error into result.json; backends add the rest.
-NAN = "nan"  # diverged: deterministic, retrying gives the same NaN
-OOM = "oom"  # out of memory: often a busy/fragmented device, worth another try
-ERROR = "error"  # the trainer raised: a bug or bad data, retrying repeats it
-KILLED = "killed"  # ended by a signal nobody in this sweep sent (OOM killer, admin, node reboot)
-PREEMPTED = "preempted"  # stopped at a checkpoint on request (exit 75, Slurm preemption)
-LOST = "lost"  # vanished without a result while the orchestrator was away
-TIMEOUT = "timeout"  # hit a scheduler time limit
-TRANSIENT_FAILURES = frozenset({OOM, KILLED, PREEMPTED, LOST, TIMEOUT})
-
-
-def is_transient(failure_class: str | None) -> bool:
-    """Whether another attempt can end differently (infrastructure), as opposed to a property of the trial."""
-    return failure_class in TRANSIENT_FAILURES
+from orchestrator.spec import BackendSpec, TrialPlan
+from orchestrator.store import TrialDir
+from trainer.contract import ERROR, TrialResult
 
 
 class JobStatus(str, Enum):
@@ -73,17 +58,28 @@ class JobState:
         return cls(JobStatus.FAILED, failure_class, error)
 
 
+def state_from_result(result: TrialResult) -> JobState:
+    """The trainer's verdict (result.json) as a job state."""
+    if result.done:
+        return JobState(JobStatus.DONE)
+    return JobState.failed(result.failure_class or ERROR, result.error)
+
+
 @dataclass(frozen=True)
 class JobHandle:
     """Everything needed to find a job again; stored as a dict in the ledger."""
 
     trial_id: str
     backend: str
-    job_id: str  # pid (local), Slurm job id, Ray object ref id
+    job_id: str  # pid (local), Slurm job id, Ray actor name
     run_dir: Path
     log_path: Path
     submitted_at: float = field(default_factory=time.time)
     info: Mapping[str, Any] = field(default_factory=dict)  # backend specifics (process start time, pgid, ...)
+
+    @property
+    def trial_dir(self) -> TrialDir:
+        return TrialDir(self.run_dir)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,63 +105,59 @@ class JobHandle:
         )
 
 
-def read_result(run_dir: Path) -> dict[str, Any] | None:
-    """DIR/result.json, or None when absent or unreadable (the trainer writes it atomically)."""
-    try:
-        data = json.loads((Path(run_dir) / RESULT_FILE).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+@dataclass(frozen=True)
+class Submission:
+    """One trial to start: its plan, its folder (config.yaml written), the fds its job should hold."""
 
-
-def result_is_done(run_dir: Path) -> bool:
-    result = read_result(run_dir)
-    return bool(result) and result.get("status") == "done"
-
-
-def state_from_result(result: Mapping[str, Any]) -> JobState:
-    if result.get("status") == "done":
-        return JobState(JobStatus.DONE)
-    return JobState.failed(str(result.get("failure_class") or ERROR), result.get("error"))
+    trial: TrialPlan
+    trial_dir: TrialDir
+    keep_fds: tuple[int, ...] = ()
 
 
 class BackendError(RuntimeError):
     """A backend could not do what was asked (no free slot, scheduler refused, ...)."""
 
 
+def require_config(trial_dir: TrialDir) -> None:
+    if not trial_dir.config_path.is_file():
+        raise BackendError(f"{trial_dir.config_path} does not exist: write the trial config before submitting")
+
+
 class Backend(ABC):
-    """Runs trials somewhere. Subclasses register with `@register_backend("name")`."""
+    """Runs trials somewhere. Subclasses register with `@register_backend("name")` and are built
+    from the spec's backend settings of their kind (`LocalBackendSpec`, `SlurmBackendSpec`, ...)."""
 
     name: ClassVar[str] = "base"
 
-    def __init__(self, max_parallel: int = 1, resources: Mapping[str, Any] | None = None,
-                 options: Mapping[str, Any] | None = None) -> None:
-        if max_parallel < 1:
-            raise ValueError(f"max_parallel must be >= 1, got {max_parallel}")
-        self.max_parallel = max_parallel
-        self.resources = dict(resources or {})
-        self.options = dict(options or {})
+    def __init__(self, spec: BackendSpec) -> None:
+        self.spec = spec
+        self.max_parallel = spec.max_parallel
+        self.resources = spec.resources
+        self.options = spec.options
 
-    @classmethod
-    def from_spec(cls, spec: Any, **overrides: Any) -> Backend:
-        """Build from a `BackendSpec` (kind, max_parallel, resources, options); overrides win."""
-        kwargs: dict[str, Any] = {
-            "max_parallel": spec.max_parallel,
-            "resources": dict(spec.resources or {}),
-            "options": dict(spec.options or {}),
-        }
-        kwargs.update(overrides)
-        return cls(**kwargs)
+    def connect(self) -> None:
+        """Reach the cluster now, so an unreachable one fails the sweep once, before any trial.
+        Raises BackendError. Backends without a cluster have nothing to do."""
 
-    # -- the interface ----------------------------------------------------------------------------
     @abstractmethod
-    def submit(self, trial: TrialPlan, run_dir: Path, *, keep_fds: Sequence[int] = ()) -> JobHandle:
-        """Start the trial whose config is `run_dir/config.yaml`; results land in `run_dir`.
+    def submit(self, trial: TrialPlan, trial_dir: TrialDir, *, keep_fds: Sequence[int] = ()) -> JobHandle:
+        """Start the trial whose config is `trial_dir.config_path`; results land in `trial_dir`.
 
         `keep_fds`: file descriptors the job should hold open for its whole life (the trial's claim
         lock, so a trial outliving a killed orchestrator stays claimed). Backends whose jobs run on
         other machines ignore it.
         """
+
+    def submit_many(self, items: Sequence[Submission]) -> list[JobHandle | Exception]:
+        """Start several trials; per item its handle, or the exception its submission raised (so a
+        launched job never loses its handle because a later one failed)."""
+        out: list[JobHandle | Exception] = []
+        for item in items:
+            try:
+                out.append(self.submit(item.trial, item.trial_dir, keep_fds=item.keep_fds))
+            except Exception as err:
+                out.append(err)
+        return out
 
     @abstractmethod
     def poll(self, handles: Iterable[JobHandle]) -> dict[str, JobState]:

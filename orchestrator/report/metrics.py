@@ -34,8 +34,13 @@ class MetricSpec:
         return f"{self.label}{unit}{self.arrow}"
 
     @property
+    def difference_unit(self) -> str:
+        """The unit of a difference of two values (`pts` for percentages), else the value's unit."""
+        return self.delta_unit if self.delta_unit is not None else self.unit
+
+    @property
     def delta_header(self) -> str:
-        unit = self.delta_unit if self.delta_unit is not None else self.unit
+        unit = self.difference_unit
         return f"Δ {self.label}" + (f" ({unit})" if unit else "")
 
     def display(self, raw: float) -> float:

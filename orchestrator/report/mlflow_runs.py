@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from orchestrator.mlflow_store import SWEEP_TAG, TRIAL_ID_TAG, quiet_mlflow_logs, sqlite_path
 
-TRIAL_ID_TAG = "trial_id"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,6 @@ def fetch_mlflow_runs(tracking_uri: str, experiment: str, page_size: int = 5000,
     is reported in `.error`. For a local SQLite store the runs are read with plain read-only SQL
     (see `read_sqlite_runs`); any surprise there falls back to MlflowClient.search_runs.
     """
-    from orchestrator.tracking import sqlite_path
-
     store = sqlite_path(tracking_uri)
     if store is not None and not store.exists():
         # Opening a missing SQLite store would create an empty one as a side effect of reading.
@@ -165,11 +163,10 @@ _SQLITE_COLUMNS = {
 
 
 def _search_with_client(tracking_uri: str, experiment: str, page_size: int) -> MlflowFetch:
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    quiet_mlflow_logs()
     try:
         with _fail_fast_http():
-            from mlflow.tracking import MlflowClient
+            from mlflow.tracking import MlflowClient  # heavy (about 1 s): only for stores SQL cannot read
 
             client = MlflowClient(tracking_uri=tracking_uri)
             found = client.get_experiment_by_name(experiment)
@@ -203,5 +200,5 @@ def pick_run(runs: Sequence[MlflowRun], sweep_name: str | None = None) -> Mlflow
     this sweep's own child first, then a finished one with metrics, then the most recent."""
     if not runs:
         return None
-    return max(runs, key=lambda r: (r.tags.get("sweep") == sweep_name, r.status == "FINISHED", bool(r.metrics),
+    return max(runs, key=lambda r: (r.tags.get(SWEEP_TAG) == sweep_name, r.status == "FINISHED", bool(r.metrics),
                                     r.start_time))

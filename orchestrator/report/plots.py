@@ -37,8 +37,8 @@ def plot_deltas(table: ComparisonTable, path: Path) -> Path | None:
     panels = [(m, entries) for m, entries in panels if entries]
     if not panels:
         return None
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.figure import Figure  # heavy (about 0.5 s): only when there is something to draw
+    from matplotlib.ticker import MaxNLocator  # matplotlib too: only when drawing
 
     labels = [_row_name(table, r) for r in rows]
     height = 1.2 + 0.35 * len(rows)
@@ -76,7 +76,7 @@ def plot_deltas(table: ComparisonTable, path: Path) -> Path | None:
             ax.axhline(boundary - 0.5, color="#cccccc", linewidth=0.8)
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
         ax.axvline(0.0, color="black", linewidth=0.8)
-        unit = metric.delta_unit if metric.delta_unit is not None else metric.unit
+        unit = metric.difference_unit
         better = "→ better" if metric.higher_is_better else "← better"
         ax.set_title(f"Δ {metric.label}" + (f" ({unit})" if unit else ""), fontsize=9)
         ax.set_xlabel(better, fontsize=8)
@@ -111,9 +111,8 @@ def plot_token_curves(table: ComparisonTable, path: Path) -> Path | None:
     curves = {row.index: block_curves(row) for row in table.rows}
     if not any(curves.values()):
         return None
-    from matplotlib.figure import Figure
-
-    from matplotlib.lines import Line2D
+    from matplotlib.figure import Figure  # heavy (about 0.5 s): only when there is something to draw
+    from matplotlib.lines import Line2D  # matplotlib too: only when drawing
 
     fig = Figure(figsize=(4.2 * len(groups), 3.4), layout="constrained")
     axes = fig.subplots(1, len(groups), sharey=True, squeeze=False)[0]

@@ -14,7 +14,6 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from scipy.special import stdtrit  # inverse Student t CDF; far lighter to import than scipy.stats
 
 DEFAULT_CONFIDENCE = 0.95
 
@@ -88,6 +87,9 @@ def t_quantile(confidence: float, dof: int) -> float:
     """Two-sided critical value t_{(1+confidence)/2, dof}, e.g. 4.303 for 95% and 2 dof."""
     if dof < 1:
         raise ValueError(f"a t quantile needs at least 1 degree of freedom, got {dof}")
+    # scipy costs ~1 s to import: only a report pays for it, not `plan`/`status`.
+    from scipy.special import stdtrit  # the inverse Student t CDF, lighter than scipy.stats
+
     return float(stdtrit(dof, (1.0 + confidence) / 2.0))
 
 

@@ -6,7 +6,7 @@ One table per `report.compare` entry:
   group, `a` varies and the reference row is `a = baseline[a]` with the same `b, ...`, so a delta is
   always "this variant against the baseline variant under the same framework / scale".
 
-Formatting lives in render.py; this module only decides and computes.
+Formatting lives in markdown_table.py and csv_export.py; this module only decides and computes.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from orchestrator.report.collect import TrialOutcome
 from orchestrator.report.metrics import COST, QUALITY, MetricSpec
+from orchestrator.report.outcome import TrialOutcome
 from orchestrator.report.stats import (
     DEFAULT_CONFIDENCE,
     DeltaEstimate,
@@ -26,6 +27,9 @@ from orchestrator.report.stats import (
     relative_change,
     summarize,
 )
+
+if TYPE_CHECKING:
+    from orchestrator.spec import SweepSpec
 
 
 @dataclass
@@ -89,26 +93,22 @@ class ComparisonTable:
 
 
 # ----------------------------------------------------------------------------------------------
-# Spec accessors (the spec's own types, read defensively so older/newer specs still report)
+# What the spec asks for
 # ----------------------------------------------------------------------------------------------
-def axis_values(spec) -> dict[str, list[str]]:
-    out = {}
-    for axis in spec.axes:
-        values = getattr(axis, "value_names", None) or axis.values
-        out[axis.name] = list(values.keys()) if isinstance(values, Mapping) else [str(v) for v in values]
-    return out
+def axis_values(spec: SweepSpec) -> dict[str, list[str]]:
+    """Axis name -> its value names, in spec order."""
+    return {axis.name: list(axis.values) for axis in spec.axes}
 
 
-def resolve_baseline(spec) -> dict[str, str]:
+def resolve_baseline(spec: SweepSpec) -> dict[str, str]:
     """report.baseline, else the spec's baseline, each completed with the first value of every axis."""
-    report = getattr(spec, "report", None)
-    given = dict(getattr(report, "baseline", None) or getattr(spec, "baseline", None) or {})
+    given = dict(spec.report.baseline or spec.baseline or {})
     return {axis: given.get(axis, values[0]) for axis, values in axis_values(spec).items() if values}
 
 
-def compare_entries(spec) -> list[tuple[str, ...]]:
-    report = getattr(spec, "report", None)
-    entries = list(getattr(report, "compare", None) or []) or [axis.name for axis in spec.axes]
+def compare_entries(spec: SweepSpec) -> list[tuple[str, ...]]:
+    """`report.compare` as axis tuples (default: every axis alone)."""
+    entries = list(spec.report.compare) or [axis.name for axis in spec.axes]
     return [(entry,) if isinstance(entry, str) else tuple(entry) for entry in entries]
 
 
@@ -185,7 +185,7 @@ def fill_cells(table: ComparisonTable) -> None:
                 members[i].cells[metric.name].best = True
 
 
-def build_tables(spec, outcomes: Sequence[TrialOutcome], metrics: list[MetricSpec],
+def build_tables(spec: SweepSpec, outcomes: Sequence[TrialOutcome], metrics: list[MetricSpec],
                  confidence: float = DEFAULT_CONFIDENCE) -> list[ComparisonTable]:
     values = axis_values(spec)
     baseline = resolve_baseline(spec)

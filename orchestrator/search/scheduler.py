@@ -6,7 +6,7 @@ The runner (orchestrator/runner.py) calls, from its one loop thread:
     start()             -> trials already known (so a restart re-attaches and reuses them)
     more(free_slots)    -> new trials to queue
     to_prune(running)   -> trial ids to stop now
-    settled(id, state, result)   after each trial ends (done, failed for good, pruned)
+    trial_ended(id, state, result)   after each trial ends (done, failed for good, pruned)
     finished            True when no cell will ask for more
 
 Identical trials run once: a suggestion whose trial id is already running (asked twice under
@@ -18,54 +18,56 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from orchestrator.search.study import CellStudy, CellSummary, journal_storage, read_progress, tuned_trial
+from orchestrator.search.study import CellStudy, CellSummary, journal_storage, study_name, tuned_trial
+from orchestrator.spec import SweepSpec, TrialPlan, expand
+from orchestrator.store import TrialDir
+from trainer.contract import TrialResult
 
-if TYPE_CHECKING:
-    from orchestrator.spec import SweepSpec, TrialPlan
+CellTrials = dict[tuple[str, ...], dict[int, TrialPlan]]  # cell values -> seed -> its untuned trial
 
 
-def cell_plans(spec: SweepSpec, code_version: str) -> tuple[dict[tuple[str, ...], dict[int, TrialPlan]], int]:
-    """The untuned trial of every (cell, seed), for the sweep's seeds and the search seed."""
-    from orchestrator.spec import expand
-
+def search_seed(spec: SweepSpec) -> int:
+    """The seed the searches train at: `search.seed`, else the sweep's first."""
     assert spec.search is not None
-    search_seed = spec.search.seed if spec.search.seed is not None else spec.seeds[0]
-    seeds = list(dict.fromkeys([*spec.seeds, search_seed]))
-    plans: dict[tuple[str, ...], dict[int, TrialPlan]] = {}
-    for plan in expand(spec.model_copy(update={"seeds": seeds}), code_version=code_version):
-        plans.setdefault(tuple(plan.cell.values()), {})[plan.seed] = plan
-    return plans, search_seed
+    return spec.search.seed if spec.search.seed is not None else spec.seeds[0]
 
 
-def open_studies(spec: SweepSpec, output_dir: Path, code_version: str, *, create: bool = True) -> list[CellStudy]:
+def cell_trials(spec: SweepSpec, code_version: str) -> CellTrials:
+    """The untuned trial of every (cell, seed), for the sweep's seeds and the search seed."""
+    seeds = list(dict.fromkeys([*spec.seeds, search_seed(spec)]))
+    per_cell: CellTrials = {}
+    for trial in expand(spec.model_copy(update={"seeds": seeds}), code_version=code_version):
+        per_cell.setdefault(tuple(trial.cell.values()), {})[trial.seed] = trial
+    return per_cell
+
+
+def open_studies(spec: SweepSpec, output_dir: Path, code_version: str, per_cell: CellTrials, *,
+                 create: bool = True) -> list[CellStudy]:
     """One study per cell (created on first use; create=False: only those that exist, read-only use)."""
-    from orchestrator.search.study import study_name
-
-    plans, search_seed = cell_plans(spec, code_version)
+    assert spec.search is not None
+    seed = search_seed(spec)
     storage = journal_storage(output_dir)
     existing = {s.study_name for s in storage.get_all_studies()}
-    base = next(iter(next(iter(plans.values())).values())).config
+    base = next(iter(next(iter(per_cell.values())).values())).config
     studies = []
-    for per_seed in plans.values():
-        cell_plan = per_seed[search_seed]
-        if not create and study_name(spec.search, cell_plan) not in existing:
+    for per_seed in per_cell.values():
+        cell_trial = per_seed[seed]
+        if not create and study_name(spec.search, cell_trial) not in existing:
             continue
-        studies.append(CellStudy(storage, spec.search, cell_plan, code_version, create=create,
+        studies.append(CellStudy(storage, spec.search, cell_trial, code_version, create=create,
                                  every_steps=base["evaluation"]["every_steps"], total_steps=base["schedule"]["steps"]))
     return studies
 
 
 def final_trials(spec: SweepSpec, code_version: str, summaries: Mapping[tuple[str, ...], CellSummary],
-                 plans: Mapping[tuple[str, ...], Mapping[int, TrialPlan]] | None = None) -> list[TrialPlan]:
+                 per_cell: CellTrials) -> list[TrialPlan]:
     """What the report compares: each cell at its best settings, every seed (seed-major, like
     `expand`). A cell whose search has no complete trial yet shows its untuned trials."""
-    if plans is None:
-        plans, _ = cell_plans(spec, code_version)
     out = []
     for seed in spec.seeds:
-        for cell, per_seed in plans.items():
+        for cell, per_seed in per_cell.items():
             summary = summaries.get(cell)
             best = summary.best_params if summary is not None and summary.finished else None
             out += cell_finals(per_seed, best, [seed], code_version) if best else [per_seed[seed]]
@@ -79,18 +81,20 @@ def cell_finals(per_seed: Mapping[int, TrialPlan], best_params: dict[str, Any], 
 
 
 class SearchScheduler:
-    def __init__(self, spec: SweepSpec, output_dir: Path, code_version: str,
-                 run_dir_of: Callable[[str], Path], event: Callable[[str, str, str], None] | None = None) -> None:
+    """The runner's source of trials for a tuned sweep (see the module's docstring for its hooks)."""
+
+    def __init__(self, spec: SweepSpec, output_dir: Path, code_version: str, per_cell: CellTrials,
+                 trial_dir_of: Callable[[str], TrialDir], event: Callable[[str, str, str], None] | None = None) -> None:
         assert spec.search is not None
         self.spec = spec
         self.search = spec.search
         self.code_version = code_version
-        self.run_dir_of = run_dir_of
+        self.trial_dir_of = trial_dir_of
         self.event = event or (lambda kind, what, detail="": None)
-        self.plans, self.search_seed = cell_plans(spec, code_version)
-        self.studies = {tuple(s.cell_plan.cell.values()): s for s in open_studies(spec, output_dir, code_version)}
+        self.per_cell = per_cell
+        studies = open_studies(spec, output_dir, code_version, per_cell)
+        self.studies = {tuple(s.cell_trial.cell.values()): s for s in studies}
         self.owners: dict[str, list[tuple[CellStudy, int]]] = {}  # trial id -> the Optuna trials waiting on it
-        self.reported: dict[tuple[str, int], int] = {}  # (study, number) -> last step reported
         self.finals_added: set[tuple[str, ...]] = set()
         self.outcomes: dict[str, tuple[str, float | None, str | None]] = {}  # trial id -> how it ended
         self.final_ids: set[str] = set()  # the trials the report compares
@@ -116,21 +120,21 @@ class SearchScheduler:
                 break
             cell = min(open_cells, key=lambda c: (summaries[c].trials + summaries[c].running, list(self.studies).index(c)))
             study = self.studies[cell]
-            number, plan = study.ask()
-            if plan.trial_id in self.outcomes:  # these settings ran already: the same answer, no run
+            number, trial = study.ask()
+            if trial.trial_id in self.outcomes:  # these settings ran already: the same answer, no run
                 study.duplicate_asks += 1
-                study.tell(number, *self.outcomes[plan.trial_id])
-                self.event("search", plan.label, f"Optuna trial {number} repeats a finished trial: told its result")
+                study.tell(number, *self.outcomes[trial.trial_id])
+                self.event("search", trial.label, f"Optuna trial {number} repeats a finished trial: told its result")
                 summaries[cell] = study.summary()
                 continue
-            waiting = self.owners.setdefault(plan.trial_id, [])
+            waiting = self.owners.setdefault(trial.trial_id, [])
             if waiting:  # the same settings are running for another Optuna trial: share that run
                 study.duplicate_asks += 1
-                self.event("search", plan.label, f"Optuna trial {number} = a running trial: shares its run")
+                self.event("search", trial.label, f"Optuna trial {number} = a running trial: shares its run")
             else:
                 study.duplicate_asks = 0
-                out.append(plan)
-                self.event("search", plan.label, f"Optuna trial {number} of {study.name}")
+                out.append(trial)
+                self.event("search", trial.label, f"Optuna trial {number} of {study.name}")
             waiting.append((study, number))
             summaries[cell] = study.summary()
         return out + self._new_finals(summaries)
@@ -143,29 +147,24 @@ class SearchScheduler:
             if not owners:
                 continue
             study, number = owners[0]
-            last = self.reported.get((study.name, number), -1)
-            for step, metrics in read_progress(self.run_dir_of(tid)):
-                if step <= last or self.metric not in metrics:
-                    continue
-                last = step
-                if study.report(number, step, float(metrics[self.metric])):
+            for step, metrics in self.trial_dir_of(tid).progress():  # the study skips steps it has seen
+                if self.metric in metrics and study.report(number, step, float(metrics[self.metric])):
                     prune.append(tid)
                     self.event("pruned", tid, f"{self.metric}={metrics[self.metric]:.4f} at step {step} "
                                               f"({self.search.pruner})")
                     break
-            self.reported[(study.name, number)] = last
         return prune
 
-    def settled(self, tid: str, state: str, result: Mapping[str, Any] | None) -> None:
-        """A run ended: tell every Optuna trial waiting on it."""
+    def trial_ended(self, tid: str, state: str, result: TrialResult | None) -> None:
+        """A run ended (done, failed for good, pruned): tell every Optuna trial waiting on it."""
         if state == "done":
-            value = ((result or {}).get("metrics") or {}).get(self.metric)
+            value = result.metrics.get(self.metric) if result is not None else None
             outcome = ("complete", float(value), None) if value is not None else \
                 ("failed", None, f"result.json has no {self.metric}")
         elif state == "pruned":
             outcome = ("pruned", None, None)
         else:
-            outcome = ("failed", None, str((result or {}).get("error") or state))
+            outcome = ("failed", None, str((result.error if result is not None else None) or state))
         self.outcomes[tid] = outcome
         for study, number in self.owners.pop(tid, []):
             study.tell(number, *outcome)
@@ -192,7 +191,7 @@ class SearchScheduler:
                 continue
             self.event("search", study.name, f"best {self.metric}={summary.best_value:.4f} with "
                        f"{summary.best_params} after {summary.trials} trial(s)")
-            finals = cell_finals(self.plans[cell], summary.best_params, self.spec.seeds, self.code_version)
+            finals = cell_finals(self.per_cell[cell], summary.best_params, self.spec.seeds, self.code_version)
             self.final_ids.update(t.trial_id for t in finals)
             out += finals
         return out

@@ -14,20 +14,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
-import json
-import logging
 import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import identity
-from orchestrator.search.spec import SearchParam, SearchSpec
+from orchestrator.spec import TrialPlan
+from orchestrator.spec.search import SearchParam, SearchSpec
+from trainer.config import TrialConfig
 
 if TYPE_CHECKING:
     import optuna
-
-    from orchestrator.spec import TrialPlan
 
 JOURNAL_FILE = "optuna.journal"
 TRIAL_ID_ATTR = "trial_id"
@@ -37,17 +36,15 @@ ORPHANED = "orchestrator stopped while it ran; retried as a new Optuna trial (it
 # Settings that only say how much to search: raising the budget continues a study instead of starting over.
 BUDGET_KEYS = ("trials_per_cell", "max_failures", "parallel_per_cell")
 
-log = logging.getLogger(__name__)
-
 
 def _quiet_optuna() -> None:
-    import optuna
+    import optuna  # optional and slow to import: only tuned sweeps load it
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def journal_storage(output_dir: Path) -> optuna.storages.JournalStorage:
-    import optuna
+    import optuna  # only tuned sweeps load it
     from optuna.storages.journal import JournalFileBackend
 
     _quiet_optuna()
@@ -56,7 +53,7 @@ def journal_storage(output_dir: Path) -> optuna.storages.JournalStorage:
 
 
 def distribution(param: SearchParam) -> optuna.distributions.BaseDistribution:
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution  # tuned sweeps only
 
     if param.choices is not None:
         return CategoricalDistribution(param.choices)
@@ -65,13 +62,10 @@ def distribution(param: SearchParam) -> optuna.distributions.BaseDistribution:
     return FloatDistribution(param.low, param.high, log=param.log, step=param.step)
 
 
-def tuned_trial(cell_plan: TrialPlan, params: dict[str, Any], code_version: str) -> TrialPlan:
+def tuned_trial(cell_trial: TrialPlan, params: dict[str, Any], code_version: str) -> TrialPlan:
     """The cell's trial with `params` set: validated through the trial schema (so 1e-3 and 0.001
     are one trial) and identified like any other trial."""
-    from orchestrator.spec import TrialPlan
-    from trainer.config import TrialConfig
-
-    config = copy.deepcopy(cell_plan.config)
+    config = copy.deepcopy(cell_trial.config)
     for key, value in params.items():
         node = config
         *parents, leaf = key.split(".")
@@ -79,22 +73,22 @@ def tuned_trial(cell_plan: TrialPlan, params: dict[str, Any], code_version: str)
             node = node[part]
         node[leaf] = value
     config = TrialConfig.model_validate(config).model_dump(mode="json")
-    return TrialPlan(trial_id=identity.trial_id(config, code_version), cell=dict(cell_plan.cell),
-                     seed=cell_plan.seed, config=config, params=dict(params))
+    return TrialPlan(trial_id=identity.trial_id(config, code_version), cell=dict(cell_trial.cell),
+                     seed=cell_trial.seed, config=config, params=dict(params))
 
 
-def study_name(search: SearchSpec, cell_plan: TrialPlan) -> str:
+def study_name(search: SearchSpec, cell_trial: TrialPlan) -> str:
     """`specialization=paper [3f2a...]`: the cell, and a hash of what makes its results comparable
     (the cell's config and trainer code via its trial id, the searched space, sampler, pruner and
     metric). Change any of those and the cell starts a new study; raise the budget and it goes on."""
-    what = {"cell_trial": cell_plan.trial_id, "search": search.model_dump(mode="json", exclude=set(BUDGET_KEYS))}
+    what = {"cell_trial": cell_trial.trial_id, "search": search.model_dump(mode="json", exclude=set(BUDGET_KEYS))}
     digest = hashlib.sha256(identity.canonical_json(what).encode()).hexdigest()[:12]
-    cell = " ".join(f"{axis}={value}" for axis, value in cell_plan.cell.items())
+    cell = " ".join(f"{axis}={value}" for axis, value in cell_trial.cell.items())
     return f"{cell} [{digest}]"
 
 
 def _sampler(search: SearchSpec, seed: int) -> optuna.samplers.BaseSampler:
-    import optuna
+    import optuna  # tuned sweeps only
 
     if search.sampler == "grid":
         space = {key: param.grid for key, param in search.params.items()}
@@ -106,27 +100,47 @@ def _sampler(search: SearchSpec, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True)
 
 
-def _grid_sampler(space: dict[str, list[Any]], seed: int) -> optuna.samplers.GridSampler:
-    import optuna
+def _grid_sampler(space: dict[str, list[Any]], seed: int) -> optuna.samplers.BaseSampler:
+    import optuna  # tuned sweeps only
 
-    class AskTellGridSampler(optuna.samplers.GridSampler):
-        """GridSampler in the order the spec writes the values (Optuna shuffles them so that
-        distributed workers collide less; one orchestrator asks them one at a time), and minus its
-        `study.stop()` once the grid is covered: that only works inside `study.optimize`; here the
-        budget (capped at the grid's size) ends the search."""
+    class SpecOrderGridSampler(optuna.samplers.BaseSampler):
+        """Every point of a finite space once, in the order the spec writes the values (Optuna's
+        GridSampler shuffles them so that distributed workers collide less; one orchestrator asks
+        them one at a time, and needs no `study.stop()`: the budget, capped at the grid's size,
+        ends the search). Trial n < grid size gets point n; later ones a point not yet run."""
 
-        def __init__(self, search_space: dict[str, list[Any]], seed: int) -> None:
-            super().__init__(search_space, seed=seed)
-            self._all_grids = list(itertools.product(*self._search_space.values()))
+        def __init__(self) -> None:
+            self.names = sorted(space)
+            self.points = list(itertools.product(*(space[name] for name in self.names)))
+            self.rng = random.Random(seed)
+            self.chosen: dict[int, tuple[Any, ...]] = {}  # trial number -> its point
 
-        def after_trial(self, study, trial, state, values) -> None:
-            return None
+        def infer_relative_search_space(self, study, trial) -> dict:
+            return {}
 
-    return AskTellGridSampler(space, seed=seed)
+        def sample_relative(self, study, trial, search_space) -> dict:
+            return {}
+
+        def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
+            if trial.number not in self.chosen:
+                self.chosen[trial.number] = self._pick(study, trial.number)
+            return self.chosen[trial.number][self.names.index(param_name)]
+
+        def _pick(self, study, number: int) -> tuple[Any, ...]:
+            if number < len(self.points):
+                return self.points[number]
+            finished, running = set(), set()
+            for t in study.get_trials(deepcopy=False):
+                if t.number != number and set(t.params) == set(self.names):
+                    (finished if t.state.is_finished() else running).add(tuple(t.params[n] for n in self.names))
+            unvisited = [p for p in self.points if p not in finished | running]
+            return self.rng.choice(unvisited or [p for p in self.points if p not in finished] or self.points)
+
+    return SpecOrderGridSampler()
 
 
 def _pruner(search: SearchSpec, every_steps: int, total_steps: int) -> optuna.pruners.BasePruner:
-    import optuna
+    import optuna  # tuned sweeps only
 
     if search.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=search.pruner_startup_trials, n_warmup_steps=0)
@@ -167,14 +181,15 @@ class CellSummary:
 class CellStudy:
     """A cell's search: ask for a trial, tell its outcome, report its learning curve."""
 
-    def __init__(self, storage, search: SearchSpec, cell_plan: TrialPlan, code_version: str, *,
-                 every_steps: int, total_steps: int, create: bool = True) -> None:
-        import optuna
+    def __init__(self, storage: optuna.storages.BaseStorage, search: SearchSpec, cell_trial: TrialPlan,
+                 code_version: str, *, every_steps: int, total_steps: int, create: bool = True) -> None:
+        import optuna  # tuned sweeps only
 
+        self.storage = storage
         self.search = search
-        self.cell_plan = cell_plan  # the cell at the search seed, untuned
+        self.cell_trial = cell_trial  # the cell at the search seed, untuned
         self.code_version = code_version
-        self.name = study_name(search, cell_plan)
+        self.name = study_name(search, cell_trial)
         self.budget = search.budget()
         self.space_size = search.grid_size()  # None for a continuous space
         if create:
@@ -188,6 +203,7 @@ class CellStudy:
         self.study.sampler = _sampler(search, int(hashlib.sha256(seed_text.encode()).hexdigest()[:8], 16))
         self.distributions = {key: distribution(param) for key, param in search.params.items()}
         self.live: dict[int, optuna.trial.Trial] = {}  # number -> trial asked by this process
+        self.last_step: dict[int, int] = {}  # number -> the last learning-curve step reported
         self.duplicate_asks = 0
 
     # -- reading --------------------------------------------------------------------------------
@@ -195,9 +211,9 @@ class CellStudy:
         return self.study.get_trials(deepcopy=False)
 
     def summary(self) -> CellSummary:
-        from optuna.trial import TrialState
+        from optuna.trial import TrialState  # tuned sweeps only
 
-        out = CellSummary(cell=dict(self.cell_plan.cell), study=self.name, budget=self.budget)
+        out = CellSummary(cell=dict(self.cell_trial.cell), study=self.name, budget=self.budget)
         by_state: dict[TrialState, set[str]] = {}
         tried: set[str] = set()  # distinct settings run (or running), whatever came of them
         for t in self.trials():
@@ -226,17 +242,17 @@ class CellStudy:
         return out
 
     def searched_trials(self) -> list[TrialPlan]:
-        """Every run the study made (one plan per trial id), rebuilt from the values it asked."""
-        plans: dict[str, TrialPlan] = {}
+        """Every run the study made (one trial per id), rebuilt from the values it asked."""
+        found: dict[str, TrialPlan] = {}
         for t in self.trials():
             if t.user_attrs.get(TRIAL_ID_ATTR) and set(t.params) == set(self.search.params):
-                plan = tuned_trial(self.cell_plan, dict(t.params), self.code_version)
-                plans.setdefault(plan.trial_id, plan)
-        return list(plans.values())
+                trial = tuned_trial(self.cell_trial, dict(t.params), self.code_version)
+                found.setdefault(trial.trial_id, trial)
+        return list(found.values())
 
     def best_trial(self) -> optuna.trial.FrozenTrial | None:
         """The best complete trial by the validation metric (ties: the earliest)."""
-        from optuna.trial import TrialState
+        from optuna.trial import TrialState  # tuned sweeps only
 
         complete = [t for t in self.trials() if t.state == TrialState.COMPLETE and t.value is not None
                     and math.isfinite(t.value)]
@@ -267,14 +283,18 @@ class CellStudy:
         """Optuna trials left RUNNING by an orchestrator that died: failed, and enqueued again with
         the same values (Optuna's RetryFailedTrialCallback pattern). The retry maps to the same
         trial id, so its run resumes from its checkpoint instead of starting over."""
-        from optuna.trial import TrialState
+        from optuna.trial import TrialState  # tuned sweeps only
 
         count = 0
-        for t in self.trials():
-            if t.state != TrialState.RUNNING:
-                continue
-            self.study._storage.set_trial_user_attr(t._trial_id, FAIL_REASON_ATTR, ORPHANED)
-            self.study.tell(t.number, state=TrialState.FAIL)
+        orphans = [t for t in self.trials() if t.state == TrialState.RUNNING]
+        if orphans:
+            study_id = self.storage.get_study_id_from_name(self.name)
+        for t in orphans:
+            # Asked by another process: no Trial object here, so the reason goes through the storage
+            # this study was opened on (BaseStorage's public interface).
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            self.storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, ORPHANED)
+            self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             self.study.enqueue_trial(dict(t.params), user_attrs={RETRY_OF_ATTR: t.number})
             count += 1
         return count
@@ -282,51 +302,33 @@ class CellStudy:
     def ask(self) -> tuple[int, TrialPlan]:
         trial = self.study.ask(self.distributions)
         params = {key: trial.params[key] for key in self.search.params}
-        plan = tuned_trial(self.cell_plan, params, self.code_version)
-        trial.set_user_attr(TRIAL_ID_ATTR, plan.trial_id)
+        tuned = tuned_trial(self.cell_trial, params, self.code_version)
+        trial.set_user_attr(TRIAL_ID_ATTR, tuned.trial_id)
         self.live[trial.number] = trial
-        return trial.number, plan
+        return trial.number, tuned
 
     def tell(self, number: int, state: str, value: float | None = None, reason: str | None = None) -> None:
-        from optuna.trial import TrialState
+        """The outcome of a trial this process asked for (a second word on it is ignored)."""
+        from optuna.trial import TrialState  # tuned sweeps only
 
-        self.live.pop(number, None)
-        frozen = self.study._storage.get_trial(self.study._storage.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, number))
-        if frozen.state != TrialState.RUNNING:
+        trial = self.live.pop(number, None)
+        self.last_step.pop(number, None)
+        if trial is None:
             return
         if reason:
-            self.study._storage.set_trial_user_attr(frozen._trial_id, FAIL_REASON_ATTR, reason)
+            trial.set_user_attr(FAIL_REASON_ATTR, reason)
         if state == "complete":
-            self.study.tell(number, value)
+            self.study.tell(trial, value, skip_if_finished=True)
         elif state == "pruned":
-            self.study.tell(number, state=TrialState.PRUNED)
+            self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         else:
-            self.study.tell(number, state=TrialState.FAIL)
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
     def report(self, number: int, step: int, value: float) -> bool:
         """Record one point of the learning curve; True when the pruner says stop."""
         trial = self.live.get(number)
-        if trial is None:
+        if trial is None or step <= self.last_step.get(number, -1):
             return False
-        if step in self.study._storage.get_trial(trial._trial_id).intermediate_values:
-            return False
+        self.last_step[number] = step
         trial.report(value, step)
         return trial.should_prune()
-
-
-def read_progress(run_dir: Path) -> list[tuple[int, dict[str, float]]]:
-    """The trainer's DIR/progress.jsonl as (step, metrics), in file order; torn lines skipped."""
-    path = Path(run_dir) / "progress.jsonl"
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-            out.append((int(record["step"]), dict(record["metrics"])))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return out

@@ -24,6 +24,7 @@ from trainer.data.folders import (
 )
 from trainer.data.scenes import BACKGROUND_DEPTH, ScenesDataset, derive_seed, scenes_split
 from trainer.data.transforms import EvalDataset, EvalTransform, MultiCropTransform, SupervisedTransform, TrainDataset
+from trainer.scales import SCALES
 
 if TYPE_CHECKING:
     from trainer.config import TrialConfig
@@ -33,8 +34,6 @@ CLASSIFICATION_RESIZE = 256 / 224  # resize then center-crop, the standard Image
 
 
 def _scale_default(cfg: "TrialConfig", key: str) -> int:
-    from trainer.models.specialized_vit import SCALES  # imported late: it pulls in timm
-
     return int(SCALES[cfg.model.scale][key])
 
 

@@ -214,8 +214,9 @@ class TrainDataset(Dataset):
 
     `__getitem__` seeds torch's CPU generator from that triple inside `fork_rng`, so it neither
     depends on nor disturbs the caller's random state, and a run resumed mid-epoch reproduces the
-    same samples. With DataLoader workers, call `set_epoch` before creating each epoch's iterator
-    (workers copy the dataset when the iterator starts; persistent workers would miss the change).
+    same samples. A key is an index (at the epoch `set_epoch` chose) or an `(epoch, index)` pair:
+    the pairs let one DataLoader, and its workers, serve every epoch of a run (workers hold a copy
+    of the dataset, so they would never see a later `set_epoch`).
     """
 
     def __init__(self, base: Dataset, transform: Callable[[dict], Any], seed: int):
@@ -228,11 +229,12 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         sample = self.base[index]
         with single_threaded(), torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed would also reseed (and so disturb) CUDA's.
-            torch.default_generator.manual_seed(derive_seed("augment", self.seed, self.epoch, int(index)))
+            torch.default_generator.manual_seed(derive_seed("augment", self.seed, int(epoch), int(index)))
             return self.transform(sample)
 
 

@@ -15,6 +15,25 @@ from typing import Any
 
 import yaml
 
+from orchestrator.mlflow_store import (
+    CELL_TAG_PREFIX,
+    CODE_VERSION_TAG,
+    FAILURE_CLASS_TAG,
+    PARENT_ROLE_TAG,
+    PARENT_RUN_TAG,
+    SEED_TAG,
+    SPEC_HASH_TAG,
+    SWEEP_HASH_TAG,
+    SWEEP_NAME_TAG,
+    SWEEP_TAG,
+    TRIAL_ID_TAG,
+    config_params,
+    final_metrics,
+    prepare_sqlite_store,
+)
+from orchestrator.store import ProjectPaths
+from trainer.contract import TrialResult, write_result
+
 # value name -> specialization string the trainer's schema accepts
 SPECIALIZATIONS: dict[str, str] = {
     "none": "none",
@@ -155,38 +174,37 @@ def synthetic_result(cell: Mapping[str, str], seed: int, failure_class: str | No
     }
 
 
-def write_results(trials_dir: Path, results: Mapping[str, Mapping[str, Any]]) -> None:
-    import json
-
+def write_results(paths: ProjectPaths, results: Mapping[str, Mapping[str, Any]]) -> None:
+    """Each result as the trainer writes it: `result.json` in the trial's folder of the shared store."""
     for trial_id, result in results.items():
-        run_dir = Path(trials_dir) / trial_id
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "result.json").write_text(json.dumps(result))
+        write_result(paths.trial(trial_id).path, as_result(result))
+
+
+def as_result(result: Mapping[str, Any]) -> TrialResult:
+    parsed = TrialResult.from_dict(result)
+    assert parsed is not None, f"not a result: {result}"
+    return parsed
 
 
 def flat_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers a child run carries (same rule as orchestrator.tracking.final_metrics)."""
-    from orchestrator.report.collect import result_metrics
-
-    return result_metrics(result)
+    """The numbers a child run carries (the tracker's rule)."""
+    return final_metrics(as_result(result))
 
 
 def populate_mlflow(tracking_uri: str, experiment: str, sweep: str, plans: Iterable,
                     results: Mapping[str, Mapping[str, Any]], *, spec_hash: str = "", code_version: str = "",
-                    code_version_of: Mapping[str, str] | None = None, with_params: bool = True) -> dict[str, str]:
+                    code_version_of: Mapping[str, str] | None = None) -> dict[str, str]:
     """A parent run and one child per trial that has a result (FINISHED or FAILED), as the runner
     logs them; returns trial_id -> run_id. Slow-ish (one SQLite transaction per call): not timed."""
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param  # heavy: only the tests that need a store pay for it
     from mlflow.tracking import MlflowClient
-
-    from orchestrator.tracking import flatten, prepare_sqlite_store
 
     prepare_sqlite_store(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    parent = client.create_run(experiment_id, run_name=sweep, tags={"sweep_role": "parent", "sweep_name": sweep,
-                                                                     "sweep_spec_hash": spec_hash})
+    parent = client.create_run(experiment_id, run_name=sweep, tags={PARENT_ROLE_TAG: "parent", SWEEP_NAME_TAG: sweep,
+                                                                     SWEEP_HASH_TAG: spec_hash})
     run_ids: dict[str, str] = {}
     now = int(time.time() * 1000)
     for plan in plans:
@@ -194,17 +212,16 @@ def populate_mlflow(tracking_uri: str, experiment: str, sweep: str, plans: Itera
         if result is None:
             continue
         version = (code_version_of or {}).get(plan.trial_id, code_version)
-        tags = {"trial_id": plan.trial_id, "spec_hash": spec_hash, "code_version": version, "sweep": sweep,
-                "seed": str(plan.seed), "mlflow.parentRunId": parent.info.run_id,
-                **{f"cell.{axis}": value for axis, value in plan.cell.items()}}
+        tags = {TRIAL_ID_TAG: plan.trial_id, SPEC_HASH_TAG: spec_hash, CODE_VERSION_TAG: version, SWEEP_TAG: sweep,
+                SEED_TAG: str(plan.seed), PARENT_RUN_TAG: parent.info.run_id,
+                **{f"{CELL_TAG_PREFIX}{axis}": value for axis, value in plan.cell.items()}}
         if result["status"] == "failed":
-            tags.update({"status": "failed", "failure_class": result.get("failure_class") or "error"})
+            tags.update({"status": "failed", FAILURE_CLASS_TAG: result.get("failure_class") or "error"})
         run = client.create_run(experiment_id, run_name=plan.label, tags=tags)
         run_id = run.info.run_id
         metrics = [Metric(k, v, now, 300) for k, v in flat_metrics(result).items()]
-        # Formatted like the trainer's own log_params: None as "", everything else str().
-        params = [Param(k, ("" if v is None else str(v))[:6000]) for k, v in flatten(plan.config).items()
-                  if k.split(".")[0] != "tracking"] if with_params else []
+        # Formatted like the trainer's own log_params.
+        params = [Param(k, v) for k, v in config_params(plan.config).items()]
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i:i + 100])
         for i in range(0, len(metrics), 1000):
@@ -213,11 +230,3 @@ def populate_mlflow(tracking_uri: str, experiment: str, sweep: str, plans: Itera
         run_ids[plan.trial_id] = run_id
     client.set_terminated(parent.info.run_id, status="FINISHED")
     return run_ids
-
-
-def experiment_id_of(tracking_uri: str, experiment: str) -> str | None:
-    from mlflow.tracking import MlflowClient
-
-    found = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
-    return found.experiment_id if found else None
-

@@ -18,18 +18,17 @@ Per job (rank 0) the wrapper writes `DIR/slurm/<job id>.json`: where and when it
 trainer exited, which the backend reads to classify a failed job (exit 75 = interrupted). The
 trainer's output is appended to `DIR/trainer.log` (other ranks: `DIR/slurm/<job id>_<rank>.trainer.log`).
 
-This module must stay importable without torch: the job imports it before starting the trainer.
+The callable is pickled by value together with this module, `process.py` (the trainer's argv and
+environment, shared with the other backends), `submitit_private.py` and `trainer.contract`: the job
+runs the code of its submission, never this checkout's later edits, and never imports torch itself.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,9 +36,11 @@ from typing import Any
 
 import submitit
 
-EXIT_INTERRUPTED = 75  # the trainer's "stopped at a checkpoint by a signal, run again to resume"
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
-SLURM_SUBDIR = "slurm"
+from orchestrator.backends.process import log_header, trainer_argv, trainer_env
+from orchestrator.backends.slurm.submitit_private import requeue_signal
+from orchestrator.store import SLURM_SUBDIR
+from trainer.contract import EXIT_INTERRUPTED, LOG_FILE, write_json_atomic
+
 STOP_SIGNAL = signal.SIGUSR1  # what the trainer hears from us: checkpoint at the next step, exit 75
 
 
@@ -100,9 +101,8 @@ class SlurmTrial(submitit.helpers.Checkpointable):
         slurm_dir.mkdir(parents=True, exist_ok=True)
         rank = job.global_rank
         self._link_submitit_logs(job, slurm_dir)
-        argv = [*(self.command or [sys.executable, "-m", "trainer"]),
-                "--config", str(run_dir / "config.yaml"), "--out", str(run_dir)]
-        log_path = run_dir / "trainer.log" if rank == 0 else slurm_dir / f"{job.job_id}_{rank}.trainer.log"
+        argv = trainer_argv(self.command, run_dir)
+        log_path = run_dir / LOG_FILE if rank == 0 else slurm_dir / f"{job.job_id}_{rank}.trainer.log"
         record: dict[str, Any] = {
             "job_id": job.job_id, "raw_job_id": job.raw_job_id, "trial_id": self.trial_id, "rank": rank,
             "world_size": job.num_tasks, "host": socket.gethostname(), "started_at": time.time(),
@@ -110,18 +110,16 @@ class SlurmTrial(submitit.helpers.Checkpointable):
             "snapshot": self.snapshot, "trainer_exit": None, "ended_at": None,
         }
         # Our stop signal for the trainer; submitit's own handler (requeue on task 0) runs after it.
-        previous = signal.getsignal(submitit.JobEnvironment._usr_sig())
-        signal.signal(submitit.JobEnvironment._usr_sig(), lambda s, f: self._on_usr_signal(s, f, previous))
+        previous = signal.getsignal(requeue_signal())
+        signal.signal(requeue_signal(), lambda s, f: self._on_usr_signal(s, f, previous))
         with open(log_path, "ab") as log:
             restart = f" restart {record['restart_count']}" if record["restart_count"] else ""
-            log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} slurm job {job.job_id}{restart} "
-                      f"task {rank}/{job.num_tasks} on {record['host']}: {shlex.join(argv)}\n".encode())
-            log.flush()
+            log_header(log, f"slurm job {job.job_id}{restart} task {rank}/{job.num_tasks} on {record['host']}", argv)
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                           env=self._trainer_env(job), preexec_fn=_ignore_submitit_signal)
             record["trainer_pid"] = self._proc.pid
             if rank == 0:
-                _write_json_atomic(attempt_file(run_dir, job.job_id), record)
+                write_json_atomic(attempt_file(run_dir, job.job_id), record)
             returncode = None
             try:
                 # Poll rather than block in wait(): the signal handler must be able to reap the trainer.
@@ -131,7 +129,7 @@ class SlurmTrial(submitit.helpers.Checkpointable):
                 record.update(trainer_exit=self._proc.returncode, ended_at=time.time(),
                               requeue_requested=self._stopping)
                 if rank == 0:
-                    _write_json_atomic(attempt_file(run_dir, job.job_id), record)
+                    write_json_atomic(attempt_file(run_dir, job.job_id), record)
         if returncode == 0:
             return {"trial_id": self.trial_id, "trainer_exit": 0}
         if returncode == EXIT_INTERRUPTED or self._stopping:
@@ -139,22 +137,17 @@ class SlurmTrial(submitit.helpers.Checkpointable):
         raise TrialFailed(f"trial {self.trial_id}: the trainer exited with code {returncode} (see {log_path})")
 
     def _trainer_env(self, job: Any) -> dict[str, str]:
-        env = dict(os.environ)
-        threads = str(self.threads)
-        env.update({name: threads for name in THREAD_VARIABLES})
-        env["ORCHESTRATOR_CPUS_PER_TRIAL"] = threads
-        env["PYTHONUNBUFFERED"] = "1"
+        more: dict[str, str] = {}
         if self.snapshot:  # the code as it was at submission, ahead of the live checkout
-            env["PYTHONPATH"] = os.pathsep.join([self.snapshot, *filter(None, [env.get("PYTHONPATH")])])
+            more["PYTHONPATH"] = os.pathsep.join([self.snapshot, *filter(None, [os.environ.get("PYTHONPATH")])])
         # torch.distributed over env://, one task per GPU (a single task is world size 1).
         hosts = list(job.hostnames) or [job.hostname]
-        env.update({
+        more.update({
             "RANK": str(job.global_rank), "WORLD_SIZE": str(job.num_tasks), "LOCAL_RANK": str(job.local_rank),
             "LOCAL_WORLD_SIZE": str(max(1, job.num_tasks // max(1, job.num_nodes))),
             "MASTER_ADDR": hosts[0], "MASTER_PORT": str(master_port(job.raw_job_id)),
         })
-        env.update(self.env)
-        return env
+        return trainer_env(self.threads, self.env, os.environ, more)
 
     def _link_submitit_logs(self, job: Any, slurm_dir: Path) -> None:
         """DIR/slurm/<job id>_<task>.out/.err -> submitit's logs, when they live elsewhere."""
@@ -205,11 +198,4 @@ class SlurmTrial(submitit.helpers.Checkpointable):
 def _ignore_submitit_signal() -> None:
     """In the trainer (before exec): ignore submitit's signal (USR2), which Slurm sends to every
     process of the step and whose default action would kill the trainer without a checkpoint."""
-    signal.signal(submitit.JobEnvironment._usr_sig(), signal.SIG_IGN)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, default=str))
-    os.replace(tmp, path)
+    signal.signal(requeue_signal(), signal.SIG_IGN)

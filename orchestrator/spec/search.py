@@ -9,7 +9,8 @@
         optimizer.lr: {low: 3.0e-4, high: 1.0e-2, log: true}
         optimizer.weight_decay: {choices: [0.0, 0.05]}
 
-Pure pydantic: orchestrator/spec.py checks the parts that need the trial schema (keys, values).
+Pure pydantic: orchestrator/spec/sections.py checks the parts that need the trial schema (keys,
+values) and the metric names.
 """
 
 from __future__ import annotations
@@ -17,24 +18,20 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-VALIDATION_PREFIX = "val/"  # the trainer's prefix for metrics measured on the validation hold-out
+from orchestrator.spec.problems import Frozen
+from trainer.contract import VALIDATION_PREFIX
+
 # Measured by the trainer at every `evaluation.every_steps` (the cheap global probes), so a pruner
 # can compare learning curves; the dense metrics exist only at the end.
-INTERMEDIATE_METRICS = ("val/linear_top1_cls", "val/linear_top1_cls_patch", "val/knn_top1")
+INTERMEDIATE_METRICS = tuple(VALIDATION_PREFIX + m for m in ("linear_top1_cls", "linear_top1_cls_patch", "knn_top1"))
 FINAL_METRICS = ("linear_top1_cls", "linear_top1_cls_patch", "knn_top1", "seg_miou", "seg_pixel_acc",
                  "depth_rmse", "depth_abs_rel")
 LOWER_IS_BETTER = ("depth_rmse", "depth_abs_rel")
-SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("none", "median", "successive_halving", "hyperband")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SearchParam(_Frozen):
+class SearchParam(Frozen):
     """One tuned setting: a range (`low`, `high`, optional `log` or `step`) or a list of `choices`."""
 
     low: float | None = None
@@ -86,7 +83,7 @@ class SearchParam(_Frozen):
         return list(self.choices) if self.choices is not None else [self.low, self.high]
 
 
-class SearchSpec(_Frozen):
+class SearchSpec(Frozen):
     metric: str = Field(description="validation metric to optimize, e.g. val/linear_top1_cls")
     direction: Literal["maximize", "minimize"] | None = Field(
         None, description="default: from the metric (minimize RMSE/AbsRel, maximize the rest)")

@@ -1,0 +1,163 @@
+"""The check of a whole spec: from the raw mapping (after `--set`) to a SweepSpec, recording every
+problem; then the checks that need the cells (a baseline that is a cell, combinations of axes that
+only together make an invalid trial).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from orchestrator.spec.axes import check_cell, check_exclude, check_include, parse_axes
+from orchestrator.spec.expansion import cells_of, matches, resolve
+from orchestrator.spec.problems import KeyPath, Problems, dotted, unknown_key_message
+from orchestrator.spec.schema import EXPAND_MODES, TOP_LEVEL_KEYS, Axis, SweepSpec, TrackingSpec
+from orchestrator.spec.sections import parse_backend, parse_report, parse_search, parse_section
+from orchestrator.spec.trial_keys import RESERVED_TRIAL_KEYS, validate_trial, validator_scopes, with_values
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def validate(raw: dict[str, Any], path: Path, overrides: list[str], problems: Problems) -> SweepSpec | None:
+    """The spec in `raw` (read from `path`, after `overrides`), or None with its problems recorded."""
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            problems.add((str(key),), unknown_key_message(str(key), TOP_LEVEL_KEYS))
+
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        problems.add(("name",), f"expected letters, digits, '_', '.', '-' (it names a directory), got {name!r}")
+        name = path.stem
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        problems.add(("description",), f"expected a string, got {type(description).__name__}")
+        description = ""
+    output_dir = raw.get("output_dir") or f"runs/{name}"
+    if not isinstance(output_dir, str):
+        problems.add(("output_dir",), f"expected a path, got {type(output_dir).__name__}")
+        output_dir = f"runs/{name}"
+
+    base = _check_base(raw.get("base"), problems)
+    axes, declared = parse_axes(raw.get("axes"), problems)
+    expand_mode = raw.get("expand", "grid")
+    if expand_mode not in EXPAND_MODES:
+        problems.add(("expand",), f"expected one of {', '.join(EXPAND_MODES)}, got {expand_mode!r}")
+        expand_mode = None
+    seeds = _check_seeds(raw.get("seeds", [0]), problems)
+
+    axes_ok = len(axes) == len(declared) and bool(axes)
+    by_name = {axis.name: axis for axis in axes}
+    baseline = check_cell(raw.get("baseline"), ("baseline",), declared, by_name, problems)
+    if expand_mode == "one_at_a_time" and axes_ok:
+        if raw.get("baseline") is None:
+            problems.add(("baseline",), "required with expand: one_at_a_time (the cell every other cell varies from)")
+        elif baseline is not None and (missing := [a.name for a in axes if a.name not in baseline]):
+            problems.add(("baseline",),
+                         f"must name a value for every axis with one_at_a_time; missing: {', '.join(missing)}")
+    include = check_include(raw.get("include"), expand_mode, declared, by_name, baseline, problems)
+    exclude = check_exclude(raw.get("exclude"), declared, by_name, problems)
+    if expand_mode == "zip" and axes_ok and len({len(axis.values) for axis in axes}) > 1:
+        lengths = ", ".join(f"{axis.name}={len(axis.values)}" for axis in axes)
+        problems.add(("axes",), f"zip needs axes of the same length; got {lengths}")
+
+    backend = parse_backend(raw.get("backend"), problems)
+    tracking = parse_section(TrackingSpec, raw.get("tracking"), ("tracking",), problems)
+    report = parse_report(raw.get("report"), declared, by_name, baseline, problems)
+    search = parse_search(raw.get("search"), base, axes, problems) if base is not None else None
+
+    # Every axis value is validated on the base here, once: the spec keeps the result for expand.
+    resolution = None
+    if base is not None:
+        resolution, found = resolve(base, axes)
+        for where, message in found:
+            problems.add(where, message)
+    if problems.messages or resolution is None or expand_mode is None or backend is None:
+        # Skip the cell-level checks: with broken parts they would only repeat the errors found.
+        return None
+
+    spec = SweepSpec(
+        name=name, description=description, output_dir=Path(output_dir), base=base, axes=axes,
+        expand=expand_mode, baseline=baseline, include=include, exclude=exclude, seeds=seeds,
+        backend=backend, tracking=tracking.model_copy(update={"experiment": tracking.experiment or name}),
+        report=report, search=search, source=path, overrides=overrides, resolution=resolution,
+    )
+    cells = cells_of(spec)
+    if not cells:
+        problems.add(("exclude",), "excludes every cell: nothing would run")
+        return None
+    checks = [(("baseline",), spec.baseline)]
+    if spec.report.baseline != spec.baseline:  # a defaulted report baseline would repeat the error
+        checks.append((("report", "baseline"), spec.report.baseline))
+    for where, cell in checks:
+        if cell and not any(matches(c, spec.axes, cell) for c in cells):
+            problems.add(where, f"{_cell_text(cell)} is not a cell of the sweep (excluded, or not a zip row)")
+    _check_combinations(spec, cells, problems)
+    return None if problems.messages else spec
+
+
+def _check_base(base: Any, problems: Problems) -> dict[str, Any] | None:
+    if base is None:
+        return {}
+    if not isinstance(base, dict):
+        problems.add(("base",), f"expected a mapping (a partial trial config), got {type(base).__name__}")
+        return None
+    for key, why in RESERVED_TRIAL_KEYS.items():
+        if key in base:
+            problems.add(("base", key), why)
+    return {key: value for key, value in base.items() if key not in RESERVED_TRIAL_KEYS}
+
+
+def _check_seeds(seeds: Any, problems: Problems) -> list[int]:
+    if not isinstance(seeds, list) or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        problems.add(("seeds",), f"expected a list of integers, got {seeds!r}")
+        return [0]
+    if not seeds:
+        problems.add(("seeds",), "must not be empty")
+    duplicated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if duplicated:
+        problems.add(("seeds",), f"duplicate seeds {duplicated}")
+    return seeds or [0]
+
+
+def _check_combinations(spec: SweepSpec, cells: list[tuple[str, ...]], problems: Problems) -> None:
+    """Validate together the axes that one model validator sees (e.g. schedule.steps and warmup_steps).
+
+    Only the combinations that occur in the cells are checked, each once: two interacting 5-value
+    axes cost 25 validations, however many other axes the grid has, unless a validator sees those too.
+    """
+    for group in _interaction_groups(spec.axes):
+        for combo in sorted({tuple(cell[i] for i in group) for cell in cells}):
+            settings = [spec.axes[i].values[name] for i, name in zip(group, combo)]
+            _, errors = validate_trial(with_values(spec.base, settings))
+            if errors:
+                label = ", ".join(f"{spec.axes[i].name}={name}" for i, name in zip(group, combo))
+                details = "; ".join(f"{dotted(loc)}: {message}" for loc, message in errors)
+                problems.add(("axes",), f"the combination {label} is not a valid trial ({details}); exclude it")
+
+
+def _interaction_groups(axes: list[Axis]) -> list[list[int]]:
+    """Groups (of >= 2 axis indices) whose keys share a model-validated section."""
+    group_of = list(range(len(axes)))
+
+    def find(i: int) -> int:
+        while group_of[i] != i:
+            i = group_of[i]
+        return i
+
+    scope_owner: dict[KeyPath, int] = {}
+    for i, axis in enumerate(axes):
+        for key in axis.keys:
+            for scope in validator_scopes(key):
+                if scope in scope_owner:
+                    group_of[find(i)] = find(scope_owner[scope])
+                else:
+                    scope_owner[scope] = i
+    groups: dict[int, list[int]] = {}
+    for i in range(len(axes)):
+        groups.setdefault(find(i), []).append(i)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def _cell_text(cell: dict[str, str]) -> str:
+    return ", ".join(f"{axis}={value}" for axis, value in cell.items())
