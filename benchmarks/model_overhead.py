@@ -126,7 +126,8 @@ def main() -> None:
                     bf16=device.type == "cuda", compile=args.compile, compile_mode=args.compile_mode,
                     fused_adamw=args.fused_adamw,
                     all={name: {"throughput_ratio": row["throughput_ratio"], "flops_ratio": row["flops_ratio"],
-                                "param_overhead": row["param_overhead"]} for name, row in results})
+                                "param_overhead": row["param_overhead"], "throughput_img_s": row["throughput_img_s"]}
+                         for name, row in results})
     print(json.dumps(headline))
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import trainer.models as tm
+from trainer import scales
 from trainer.models import (
     PRESETS,
     Specialization,
@@ -17,6 +21,7 @@ from trainer.models import (
     count_flops,
     load_vanilla_checkpoint,
     parameter_report,
+    specialized_vit,
 )
 from trainer.models.layers import TokenTypeSplit
 
@@ -106,6 +111,20 @@ def test_every_scale_is_registered_with_timms_widths_and_depths():
             reference_name, _ = tm.vanilla_counterpart(scale)
             reference = timm.create_model(reference_name, init_values=1e-5, num_classes=0, device="meta")
             assert parameter_report(model).vanilla == sum(p.numel() for p in reference.parameters())
+
+
+def test_each_scale_has_its_own_entry_point_function():
+    """timm style: one `def specialized_vit_<scale>_...` per model, so a grep finds its definition."""
+    source = inspect.getsource(specialized_vit)
+    for name in tm.MODEL_NAMES.values():
+        assert source.count(f"\ndef {name}(") == 1, name
+        assert getattr(specialized_vit, name).__name__ == name
+
+
+def test_scales_are_readable_without_torch():
+    code = "import sys, trainer.scales as s; assert s.SCALES and s.MODEL_NAMES; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert tm.SCALES is scales.SCALES  # one table, re-exported
 
 
 def test_specialized_blocks_follow_the_plan():

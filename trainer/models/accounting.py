@@ -1,13 +1,17 @@
-"""What a specialization costs: parameters per component, and FLOPs (which it should not change)."""
+"""What a specialization costs: parameters per component, FLOPs (which it should not change), and
+the aten ops one training step dispatches (a CPU proxy for a GPU's kernel launches)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from trainer.models import token_type_ops
 from trainer.models.layers import TokenTypeSplit
 from trainer.specialization import BLOCK_COMPONENTS
 
@@ -67,3 +71,62 @@ def count_flops(model: nn.Module, img_size: int, batch_size: int = 1, in_chans: 
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
+
+
+_aten = torch.ops.aten
+# Ops that launch no kernel: allocation and aliasing (views are found by their schema; profiler
+# markers by their namespace).
+_NO_KERNEL = {
+    _aten.detach.default, _aten.alias.default, _aten.lift_fresh.default, _aten._unsafe_view.default,
+    _aten.empty.memory_format, _aten.empty_strided.default, _aten.empty_like.default, _aten.new_empty.default,
+    _aten.new_empty_strided.default,
+}
+
+
+class KernelOpCounter(TorchDispatchMode):
+    """Counts dispatched ops that launch a kernel. A fused two-branch op counts once, or, with
+    `inside_fused`, as the aten ops of its composition (what a device without its kernel runs)."""
+
+    def __init__(self, inside_fused: bool = False) -> None:
+        super().__init__()
+        self.inside_fused = inside_fused
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.inside_fused and func in token_type_ops.COMPOSITIONS:
+            with self:
+                return token_type_ops.COMPOSITIONS[func](*args, **kwargs)
+        if not (func.is_view or func in _NO_KERNEL or func.namespace == "profiler"):
+            self.counts[f"{func.namespace}.{func.overloadpacket.__name__}"] += 1
+        return func(*args, **kwargs)
+
+
+def count_kernel_ops(model: nn.Module, img_size: int, batch_size: int = 2, inside_fused: bool = False,
+                     in_chans: int = 3) -> Counter[str]:
+    """Kernel-launching ops of one training step: forward, cross-entropy, backward, fused AdamW.
+
+    One uncounted step first, so the optimizer's state exists (as in every step but the first);
+    both steps update the model's weights.
+    """
+    device = next(model.parameters()).device
+    x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    with torch.no_grad():
+        num_classes = model(x[:1]).shape[-1]
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step() -> None:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    was_training = model.training
+    model.train()
+    try:
+        step()
+        with KernelOpCounter(inside_fused) as counter:
+            step()
+    finally:
+        model.train(was_training)
+    return counter.counts

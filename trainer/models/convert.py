@@ -60,7 +60,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # only .safetensors checkpoints need it
 
         state = load_file(str(path))
     elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):

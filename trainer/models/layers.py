@@ -4,7 +4,9 @@ branch, so the FLOPs equal the shared layer's.
 
 Each wrapper keeps two instances of the original timm/torch module as `prefix` and `patch`, so a
 vanilla key `blocks.0.norm1.weight` becomes `blocks.0.norm1.prefix.weight` and
-`blocks.0.norm1.patch.weight` (see `convert.py`).
+`blocks.0.norm1.patch.weight` (see `convert.py`). The forward passes both branches' tensors to one
+fused op (`token_type_ops.py`): the sequence is never split, copied or written in place, and a
+layer costs one dispatched op forward and one backward, as the shared layer does.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import copy
 import torch
 from timm.layers import LayerScale
 from torch import nn
+
+from trainer.models import token_type_ops
 
 
 class TokenTypeSplit(nn.Module):
@@ -32,37 +36,32 @@ class TokenTypeSplit(nn.Module):
 
 
 class TokenTypeLayerNorm(TokenTypeSplit):
-    """One normalization over all tokens with the patch affine (timm's fused kernel), then the few
-    prefix rows get their own affine, written in place: the sequence is never split or copied.
-
-    In place is safe for autograd: layer_norm's backward keeps its input, not its output.
-    """
+    """One normalization of every token, each row then scaled and shifted by its own branch's affine."""
 
     def __init__(self, norm: nn.LayerNorm, num_prefix_tokens: int) -> None:
         if not (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine):
             raise TypeError(f"expected an affine nn.LayerNorm, got {type(norm).__name__}")
+        if len(norm.normalized_shape) != 1:
+            raise TypeError(f"expected a LayerNorm over the last dimension, got shape {norm.normalized_shape}")
         super().__init__(norm, num_prefix_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.num_prefix_tokens
-        out = self.patch(x)
-        out[:, :p] = self.prefix(x[:, :p])
-        return out
+        return token_type_ops.layer_norm(x, self.patch.weight, self.patch.bias, self.prefix.weight, self.prefix.bias,
+                                         self.num_prefix_tokens, self.patch.eps)
 
 
 class TokenTypeLayerScale(TokenTypeSplit):
+    """One multiply by a per-token gamma (the prefix rows' gamma or the patch rows')."""
+
     def __init__(self, layer_scale: LayerScale, num_prefix_tokens: int) -> None:
         super().__init__(layer_scale, num_prefix_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.num_prefix_tokens
-        out = x * self.patch.gamma  # a new tensor: mul keeps its inputs for backward, not its output
-        out[:, :p] = x[:, :p] * self.prefix.gamma
-        return out
+        return token_type_ops.scale(x, self.patch.gamma, self.prefix.gamma, self.num_prefix_tokens)
 
 
 class TokenTypeLinear(TokenTypeSplit):
-    """Rows of the sequence split between two linear maps; the outputs are joined along tokens."""
+    """Each row through its own branch's linear map: FLOPs exactly the shared layer's."""
 
     def __init__(self, linear: nn.Linear, num_prefix_tokens: int) -> None:
         if not isinstance(linear, nn.Linear):
@@ -70,8 +69,8 @@ class TokenTypeLinear(TokenTypeSplit):
         super().__init__(linear, num_prefix_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.num_prefix_tokens
-        return torch.cat((self.prefix(x[:, :p]), self.patch(x[:, p:])), dim=1)
+        return token_type_ops.linear(x, self.patch.weight, self.patch.bias, self.prefix.weight, self.prefix.bias,
+                                     self.num_prefix_tokens)
 
 
 def specialize_module(module: nn.Module, num_prefix_tokens: int) -> nn.Module | None:

@@ -21,20 +21,8 @@ from timm.models.vision_transformer import Block, VisionTransformer, _cfg, check
 from torch import nn
 
 from trainer.models.layers import specialize_module
+from trainer.scales import MODEL_NAMES, SCALES
 from trainer.specialization import BLOCK_COMPONENTS, Specialization
-
-# timm's widths/depths/heads, plus a `micro` scale that trains in seconds on a CPU.
-SCALES: dict[str, dict[str, Any]] = {
-    "micro": dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4),
-    "tiny": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3),
-    "small": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    "base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    "large": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-    "huge": dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16),
-}
-MODEL_NAMES: dict[str, str] = {
-    scale: f"specialized_vit_{scale}_patch{a['patch_size']}_{a['img_size']}" for scale, a in SCALES.items()
-}
 
 
 def _get_submodule_parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -111,7 +99,7 @@ class SpecializedVisionTransformer(VisionTransformer):
             self.norm = replacement
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> SpecializedVisionTransformer:
+def _create_specialized_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> SpecializedVisionTransformer:
     if pretrained:
         raise ValueError(
             f"{variant} has no downloadable weights: specialize a local vanilla checkpoint with "
@@ -128,32 +116,54 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> Specialize
     )
 
 
-def _entry_point(scale: str):
-    variant = MODEL_NAMES[scale]
-
-    def create(pretrained: bool = False, **kwargs: Any) -> SpecializedVisionTransformer:
-        return _create(variant, pretrained=pretrained, **{**SCALES[scale], **kwargs})
-
-    create.__name__ = create.__qualname__ = variant
-    create.__doc__ = f"ViT-{scale} with [CLS]/patch specialization ({SCALES[scale]})."
-    create.__module__ = __name__
-    return create
-
-
 # timm's registry reads a module's `default_cfgs` when a model is registered. No weights to download.
 default_cfgs = generate_default_cfgs({
     name: _cfg(input_size=(3, SCALES[scale]["img_size"], SCALES[scale]["img_size"]))
     for scale, name in MODEL_NAMES.items()
 })
 
-for _scale in SCALES:
-    globals()[MODEL_NAMES[_scale]] = register_model(_entry_point(_scale))
+
+# One entry point per scale, as in timm's vision_transformer.py; the widths live in trainer/scales.py.
+@register_model
+def specialized_vit_micro_patch4_32(pretrained: bool = False, **kwargs: Any) -> SpecializedVisionTransformer:
+    """ViT-micro/4 at 32 px (trains in seconds on a CPU) with [CLS]/patch specialization."""
+    model_args = SCALES["micro"]
+    return _create_specialized_vit("specialized_vit_micro_patch4_32", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-def vanilla_counterpart(scale: str) -> tuple[str, dict[str, Any]]:
-    """The stock timm model name and kwargs that build the same architecture without specialization."""
-    base = {"micro": "vit_tiny_patch16_224", "huge": "vit_huge_patch14_224"}.get(scale, f"vit_{scale}_patch16_224")
-    return base, dict(SCALES[scale])
+@register_model
+def specialized_vit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> SpecializedVisionTransformer:
+    """ViT-Ti/16 with [CLS]/patch specialization."""
+    model_args = SCALES["tiny"]
+    return _create_specialized_vit("specialized_vit_tiny_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-__all__ = ["SCALES", "MODEL_NAMES", "SpecializedBlock", "SpecializedVisionTransformer", "vanilla_counterpart"]
+@register_model
+def specialized_vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> SpecializedVisionTransformer:
+    """ViT-S/16 with [CLS]/patch specialization."""
+    model_args = SCALES["small"]
+    return _create_specialized_vit("specialized_vit_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def specialized_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> SpecializedVisionTransformer:
+    """ViT-B/16 with [CLS]/patch specialization."""
+    model_args = SCALES["base"]
+    return _create_specialized_vit("specialized_vit_base_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def specialized_vit_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> SpecializedVisionTransformer:
+    """ViT-L/16 with [CLS]/patch specialization."""
+    model_args = SCALES["large"]
+    return _create_specialized_vit("specialized_vit_large_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def specialized_vit_huge_patch14_224(pretrained: bool = False, **kwargs: Any) -> SpecializedVisionTransformer:
+    """ViT-H/14 with [CLS]/patch specialization."""
+    model_args = SCALES["huge"]
+    return _create_specialized_vit("specialized_vit_huge_patch14_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+__all__ = ["SpecializedBlock", "SpecializedVisionTransformer"]
