@@ -4,12 +4,14 @@ Every command reads a sweep spec (YAML, see sweeps/) and accepts `--set key=valu
 A spec with errors prints every problem and exits 2 before anything is launched or written.
 
 Exit codes: 0 ok, 1 trials failed / command failed, 2 invalid spec or usage, 3 sweep already
-running, 130 interrupted (run again to resume).
+running, 4 a corrupt state file (ledger, MLflow store, search journal: one line names the file and
+the safe fix), 130 interrupted (run again to resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,14 +23,15 @@ from rich.markup import escape
 from orchestrator.backends import BackendError
 from orchestrator.commands import build_sweep_report, cancel_sweep, run_sweep, sync_sweep
 from orchestrator.identity import code_version
-from orchestrator.ledger import Ledger
+from orchestrator.ledger import Ledger, LedgerError
 from orchestrator.locks import SweepAlreadyRunning, SweepLock
-from orchestrator.plan import diff_plan, planned_trials, seconds_per_tflop, sweep_output_dir, tuned_trials
-from orchestrator.spec import SpecError, SweepSpec, load_spec
+from orchestrator.mlflow_store import sqlite_path, tracking_target
+from orchestrator.plan import JournalError, check_journal, diff_plan, planned_trials, sweep_output_dir, tuned_trials
+from orchestrator.spec import SpecError, SweepSpec, check_trial_files, load_spec
 from orchestrator.store import ProjectPaths
 from orchestrator.views import plan_view, status_view
 
-EXIT_OK, EXIT_FAILED, EXIT_SPEC, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_SPEC, EXIT_BUSY, EXIT_STATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 COMMANDS = {
     "run": "run or resume every trial of the sweep (re-attaches to running trials, skips finished ones)",
@@ -82,9 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = _console()
     errors = Console(stderr=True, highlight=False)
+    spec: SweepSpec | None = None
     try:
         spec = load_spec(args.spec, args.overrides)
+        if args.command == "run":  # the files trials will read must exist (plan/status/report work without them)
+            check_trial_files(spec)
         paths = ProjectPaths.discover(args.root)
+        if spec.search is not None:
+            check_journal(sweep_output_dir(spec, paths))
         handler = {"run": _run, "plan": _plan, "status": _status, "report": _report, "cancel": _cancel,
                    "sync": _sync}[args.command]
         return handler(args, spec, paths, console)
@@ -99,8 +107,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BackendError as err:  # e.g. an unreachable cluster: a message, not a traceback
         errors.print(f"[red]error:[/] {escape(str(err))}")
         return EXIT_FAILED
+    except (LedgerError, JournalError) as err:  # corrupt state: one line with the file and the fix
+        errors.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
+        return EXIT_STATE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Exception as err:
+        broken = corrupt_store_message(err, spec, ProjectPaths.discover(args.root))
+        if broken is None:
+            raise
+        errors.print(f"[red]error:[/] {escape(broken)}", soft_wrap=True)
+        return EXIT_STATE
+
+
+def corrupt_store_message(err: BaseException, spec: SweepSpec | None, paths: ProjectPaths) -> str | None:
+    """One line for a SQLite MLflow store that is not a database (truncated, garbage), however deep
+    MLflow and SQLAlchemy wrapped the error; None for any other error."""
+    chain: BaseException | None = err
+    while chain is not None and type(chain) is not sqlite3.DatabaseError:  # its subclasses: locked, schema, ...
+        chain = chain.__cause__ or chain.__context__
+    if chain is None or spec is None:
+        return None
+    store = sqlite_path(tracking_target(spec, paths)[0])
+    return (f"MLflow store {store or 'of this sweep'}: {chain} (truncated or overwritten?); move it aside (or delete "
+            "it): the next run, or `sync`, logs every finished trial to a new one from the trial store")
 
 
 def _console() -> Console:
@@ -137,8 +167,7 @@ def _plan(args: argparse.Namespace, spec: SweepSpec, paths: ProjectPaths, consol
     trials = planned_trials(spec, paths, code_version())
     ledger = Ledger.for_sweep(sweep_output_dir(spec, paths))
     diff = diff_plan(trials, [r.trial_id for r in ledger])
-    rate, basis = seconds_per_tflop(paths)
-    console.print(plan_view(spec, trials, diff, ledger, paths, rate, basis))
+    console.print(plan_view(spec, trials, diff, ledger, paths))
     return EXIT_OK
 
 

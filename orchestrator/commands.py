@@ -27,7 +27,8 @@ from orchestrator.locks import SweepAlreadyRunning, SweepLock
 from orchestrator.plan import planned_trials, sweep_output_dir
 from orchestrator.progress import SweepProgress
 from orchestrator.report import build_report
-from orchestrator.runner import SweepOutcome, SweepRunner
+from orchestrator.lifecycle import SweepOutcome
+from orchestrator.runner import SweepRunner
 from orchestrator.search.scheduler import SearchScheduler, cell_trials
 from orchestrator.spec import SpecError, SweepSpec, expand, spec_hash
 from orchestrator.store import ROOT_ENV, ProjectPaths
@@ -90,8 +91,9 @@ def run_sweep(spec: SweepSpec, *, detach: bool = False, progress: bool = True, o
         finally:
             if own_backend:
                 backend.close()
-        if tracker is not None and not outcome.interrupted:
-            tracker.log_spec(Path(spec.source))
+        if tracker is not None and not outcome.interrupted and tracker.parent_run_id:
+            tracker.guarded("storing the spec in MLflow", lambda: tracker.log_spec(Path(spec.source)),
+                            lambda message: shown.event("warning", "MLflow", message))
     if report and not outcome.interrupted:
         outcome.report_path = build_sweep_report(spec, paths, console)
     return outcome
@@ -99,24 +101,29 @@ def run_sweep(spec: SweepSpec, *, detach: bool = False, progress: bool = True, o
 
 def _close_tracking(tracker: SweepTracker, runner: SweepRunner, outcome: SweepOutcome) -> None:
     """After the loop: what MLflow lacks of the finished trials (a child for a trial reused from
-    another sweep, metrics a crashed trainer never logged), each cell's search, the parent's status."""
+    another sweep, points logged while MLflow was away, metrics a crashed trainer never logged),
+    each cell's search, the parent's status. Tried even when MLflow failed earlier: it may be back."""
+    tracker.guarded("syncing the sweep to MLflow", lambda: _sync_finished(tracker, runner, outcome),
+                    lambda message: runner.progress.event("warning", "MLflow", message), now=True)
+    runner.ledger.save()
+
+
+def _sync_finished(tracker: SweepTracker, runner: SweepRunner, outcome: SweepOutcome) -> None:
     ledger = runner.ledger
-    try:
-        done = [t for t in runner.trials if ledger.trials[t.trial_id].state == "done"]
-        summary = tracker.sync_trials(done, runner.paths.trial)
-        for tid, run_id in summary.run_ids.items():
-            ledger.trials[tid].mlflow_run_id = run_id
-        if summary.created or summary.completed:
-            runner.progress.event("mlflow", "sync", f"{len(summary.created)} child run(s) created, "
-                                  f"{len(summary.completed)} completed from result.json")
-        cells = ledger.meta["search"] if runner.search is not None else []  # the runner's last CellSummary each
-        for cell in cells:
-            tracker.log_cell_search(cell["cell"], cell, cell["finished"])
-        tracker.finish("KILLED" if outcome.interrupted else ("FAILED" if outcome.failed else "FINISHED"),
-                       outcome.counts)
-    except Exception as err:  # tracking must never break the sweep: the results are on disk
-        runner.progress.event("warning", "MLflow", f"could not finish tracking: {err}")
-    ledger.save()
+    if tracker.parent_run_id is None:  # MLflow was away when the sweep started
+        ledger.meta["parent_run_id"] = tracker.start(ledger.meta.get("parent_run_id"))
+    done = [t for t in runner.trials if ledger.trials[t.trial_id].state == "done"]
+    summary = tracker.sync_trials(done, runner.paths.trial)
+    for tid, run_id in summary.run_ids.items():
+        ledger.trials[tid].mlflow_run_id = run_id
+    if summary.created or summary.completed:
+        runner.progress.event("mlflow", "sync", f"{len(summary.created)} child run(s) created, "
+                              f"{len(summary.completed)} completed from the trial folders")
+    cells = ledger.meta["search"] if runner.search is not None else []  # the runner's last CellSummary each
+    for cell in cells:
+        tracker.log_cell_search(cell["cell"], cell, cell["finished"])
+    tracker.finish("KILLED" if outcome.interrupted else ("FAILED" if outcome.failed else "FINISHED"),
+                   outcome.counts)
 
 
 class StopOnSignals:

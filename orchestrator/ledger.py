@@ -16,7 +16,8 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from trainer.contract import write_json_atomic
 
@@ -83,18 +84,40 @@ class Ledger:
 
     @classmethod
     def load(cls, path: Path) -> Ledger:
+        """The ledger in `path` (empty when there is none); LedgerError naming the file and the fix
+        when it is not one. Our own writes are atomic, so only a hand edit or a broken disk gets here."""
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             return cls(path)
+        except OSError as err:
+            raise LedgerError(path, f"cannot be read ({err.strerror or err})",
+                              fix="make it a readable file, or move it aside") from None
+        except UnicodeDecodeError:
+            raise LedgerError(path, "is not text (binary garbage)") from None
         except json.JSONDecodeError as err:
-            # Cannot come from our own writes (atomic rename); a hand edit or a broken disk can.
-            raise LedgerError(f"{path} is not valid JSON ({err}); fix or delete it") from None
-        if data.get("version", LEDGER_VERSION) > LEDGER_VERSION:
-            raise LedgerError(f"{path} was written by a newer orchestrator (version {data['version']})")
-        trials = {tid: TrialRecord.from_dict(rec) for tid, rec in data.get("trials", {}).items()}
-        return cls(path, trials, data.get("meta", {}))
+            raise LedgerError(path, f"is not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise LedgerError(path, f"holds {_type_name(type(data))}, not an object with `trials`")
+        version = data.get("version", LEDGER_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise LedgerError(path, f"version: expected an integer, got {version!r}")
+        if version > LEDGER_VERSION:
+            raise LedgerError(path, f"was written by a newer orchestrator (version {version})",
+                              fix="run this sweep with that orchestrator's checkout")
+        trials, meta = data.get("trials", {}), data.get("meta", {})
+        if not isinstance(trials, dict):
+            raise LedgerError(path, f"trials: expected an object of trial id -> record, got {_type_name(type(trials))}")
+        if not isinstance(meta, dict):
+            raise LedgerError(path, f"meta: expected an object, got {_type_name(type(meta))}")
+        records = {}
+        for trial_id, record in trials.items():
+            problem = record_problem(record)
+            if problem:
+                raise LedgerError(path, f"trials.{trial_id}{problem}")
+            records[trial_id] = TrialRecord.from_dict(record)
+        return cls(path, records, meta)
 
     def save(self) -> None:
         self.meta["updated_at"] = time.time()
@@ -162,7 +185,57 @@ class Ledger:
                            failures=record.failures + (1 if counts_as_failure else 0))
 
 
+# The trial store keeps every finished result and the runner re-reads it on each start, so a lost
+# ledger costs nothing but the attempt history.
+REBUILD_FIX = "delete it (or move it aside); the next run rebuilds it from the trial store"
+
+
 class LedgerError(RuntimeError):
-    pass
+    """A ledger file that cannot be used, as one line: the file, what is wrong, the safe fix."""
+
+    def __init__(self, path: Path, problem: str, fix: str = REBUILD_FIX) -> None:
+        super().__init__(f"ledger {path}: {problem}; {fix}")
+        self.path, self.problem, self.fix = Path(path), problem, fix
+
+
+RECORD_TYPES = get_type_hints(TrialRecord)  # field -> annotation, resolved once
+
+
+def record_problem(record: Any) -> str:
+    """What is wrong with one ledger record (`: ...` or `.field: ...`, to follow its key path); ''."""
+    if not isinstance(record, dict):
+        return f": expected an object (a trial record), got {_type_name(type(record))}"
+    if "trial_id" not in record:
+        return ": no trial_id"
+    for name, value in record.items():
+        if name in RECORD_TYPES and not _has_type(value, RECORD_TYPES[name]):
+            return f".{name}: expected {_type_name(RECORD_TYPES[name])}, got {value!r:.60}"
+    return ""
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a TrialRecord field's annotation (containers checked shallowly)."""
+    origin = get_origin(hint)
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin in (Union, UnionType):
+        return any(_has_type(value, arg) for arg in get_args(hint))
+    if hint is Any:
+        return True
+    if isinstance(value, bool) and hint is not bool:  # JSON true is no count and no time
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, get_args(hint)))
+    if get_origin(hint) in (Union, UnionType):
+        return " or ".join(_type_name(arg) for arg in get_args(hint))
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true/false", dict: "an object",
+             list: "a list", type(None): "null"}
+    return names.get(get_origin(hint) or hint, str(hint))
 
 

@@ -1,5 +1,6 @@
 """How a sweep's ledger records what happened to a trial: joining the sweep, found done in the shared
-store, failed (and whether another attempt is due), or left running by an orchestrator that died.
+store, failed (and whether another attempt is due), or left running by an orchestrator that died;
+and how the sweep as a whole ended (`SweepOutcome`).
 
 What each trial's record becomes when a run starts (the runner's loop then launches the planned):
     result.json done in the shared store  -> done (reused if another sweep trained it)
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from orchestrator.ledger import Ledger, TrialRecord
 from orchestrator.spec import TrialPlan
@@ -78,3 +81,26 @@ def close_orphan(ledger: Ledger, record: TrialRecord, trial_dir: TrialDir, retri
         record_failure(ledger, record.trial_id, result.failure_class or ERROR, result.error, retries)
     else:  # killed with the orchestrator: not the trial's fault, no retry budget spent
         ledger.mark_finished(record.trial_id, "planned", LOST, "process gone after an orchestrator restart")
+
+
+UNFINISHED_STATES = ("planned", "running", "cancelled")
+
+
+@dataclass
+class SweepOutcome:
+    sweep: str
+    output_dir: Path
+    counts: dict[str, int] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)  # trial ids that ended failed for good
+    interrupted: bool = False
+    parent_run_id: str | None = None
+    report_path: Path | None = None
+    detached_pid: int | None = None  # run --detach: the background orchestrator
+    log_path: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        # `failed` leaves out a search's failed explorations (recorded by its study); pruned is a
+        # search's decision. Anything still planned, running or cancelled is unfinished work.
+        unfinished = sum(self.counts.get(state, 0) for state in UNFINISHED_STATES)
+        return not self.interrupted and not self.failed and unfinished == 0 and self.counts.get("done", 0) > 0

@@ -1,8 +1,8 @@
 """The MLflow store a sweep logs to, as both the tracker (writes) and the report (reads) see it.
 
-Owns where the store is (tracking URI, SQLite file, artifact root), how it is prepared (WAL) and
-retried, the tag names that identify a sweep's runs, and how a trial's config and result become
-MLflow params and metrics. MLflow itself is not imported here: plan/status start without it.
+Owns where the store is (tracking URI, SQLite file, artifact root; created and opened by
+`trainer.tracking`'s rules), how calls are retried, the tag names that identify a sweep's runs,
+and how a trial's config and result become MLflow params and metrics. MLflow itself is not imported here: plan/status start without it.
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ import logging
 import math
 import random
 import re
-import sqlite3
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from trainer.contract import TrialResult
-from trainer.tracking import artifact_root_for, config_params, flatten  # one rule for trainer and orchestrator
+# One rule for trainer and orchestrator: where artifacts go, what params are, how a store is created.
+from trainer.tracking import artifact_root_for, config_params, flatten, open_client, prepare_sqlite_store, sqlite_path
 
 if TYPE_CHECKING:
     from orchestrator.spec import SweepSpec
@@ -60,27 +59,6 @@ def tracking_target(spec: SweepSpec, paths: ProjectPaths) -> tuple[str, str]:
     return resolve_tracking_uri(spec.tracking.tracking_uri, paths), spec.tracking.experiment or spec.name
 
 
-def sqlite_path(uri: str) -> Path | None:
-    """The file of a local SQLite store, None for any other store."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
-def prepare_sqlite_store(uri: str) -> None:
-    """WAL journaling: the UI and the runner read while trainers write, without "database is locked"."""
-    path = sqlite_path(uri)
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with sqlite3.connect(path, timeout=30) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-    except sqlite3.OperationalError as err:  # busy right now: WAL is an optimization, not a need
-        log.warning("could not switch %s to WAL journaling: %s", path, err)
-
-
 def quiet_mlflow_logs() -> None:
     """No schema-migration chatter from MLflow and alembic on the console."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -88,14 +66,16 @@ def quiet_mlflow_logs() -> None:
 
 
 # -- retries -------------------------------------------------------------------------------------
-def with_retries(what: str, fn: Callable[[], T], attempts: int = 8) -> T:
-    """Retry transient store errors (a locked SQLite file, a restarting server) with back-off."""
+def with_retries(what: str, fn: Callable[[], T], attempts: int = 8, budget_s: float = 10.0) -> T:
+    """Retry transient store errors (a locked SQLite file, a restarting server) with back-off, for at
+    most `budget_s`: a server that stays away is the caller's to handle (degraded, not blocked)."""
     delay = 0.2
+    deadline = time.monotonic() + budget_s
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as err:
-            if attempt == attempts - 1 or not _is_transient_store_error(err):
+            if attempt == attempts - 1 or not _is_transient_store_error(err) or time.monotonic() > deadline:
                 raise
             log.debug("MLflow %s failed (%s), retrying", what, err)
             time.sleep(delay * (1 + random.random()))

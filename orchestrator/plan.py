@@ -1,5 +1,6 @@
 """What a sweep asks for, computed in one place: its trials (plain, or a tuned sweep's searches and
-final trials), how they differ from what the ledger holds, and what they cost to train.
+final trials), how they differ from what the ledger holds, and what they cost: training FLOPs, a
+trial's time (fixed + per-TFLOP seconds, fitted on finished trials) and, on GPUs, GPU-hours.
 
 Read-only: nothing here writes a file or creates an Optuna study, so `plan`, `status` and the report
 can call it while a sweep runs. Torch-free: the cost estimate reads the scale table, not the models.
@@ -13,14 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.ledger import Ledger, TrialRecord
 from orchestrator.search.scheduler import CellTrials, cell_trials, final_trials, open_studies
-from orchestrator.search.study import JOURNAL_FILE, CellSummary
-from orchestrator.spec import SweepSpec, TrialPlan, expand
+from orchestrator.search.study import JOURNAL_FILE, CellSummary, journal_storage
+from orchestrator.spec import SlurmBackendSpec, SweepSpec, TrialPlan, expand
+from orchestrator.spec.profiles import DEFAULT_UTILISATION, GPU_PEAK_TFLOPS, DeviceSpec
 from orchestrator.store import ProjectPaths, TrialDir
 from trainer.contract import RESOLVED_CONFIG_FILE
 from trainer.scales import SCALES
 
 MAX_TRIALS_FOR_RATE = 500  # trial folders read to measure this machine's speed
+MIN_SIZE_SPREAD = 1.2  # least squares only when the largest finished trial has 20 % more FLOPs than the smallest
+PRIOR_STARTUP_S = 15.0  # process start, imports, data set-up of a micro trial before its first step (2-core machine)
+PRIOR_FIXED_GPU_S = 120.0  # start-up and evaluation of a GPU trial before any ran: an allowance, not a measurement
 
 
 def sweep_output_dir(spec: SweepSpec, paths: ProjectPaths) -> Path:
@@ -65,6 +71,24 @@ def tuned_trials(spec: SweepSpec, output_dir: Path, code_version: str,
     searched = unique_by_id(trial for study in studies for trial in study.searched_trials())
     cells = [summaries[cell] for cell in per_cell if cell in summaries]
     return TunedTrials(final=final_trials(spec, code_version, summaries, per_cell), search=searched, cells=cells)
+
+
+class JournalError(RuntimeError):
+    """A search journal Optuna cannot replay, as one line: the file, what is wrong, the safe fix."""
+
+
+def check_journal(output_dir: Path) -> None:
+    """Replay the sweep's Optuna journal once (when there is one); JournalError when it is garbage."""
+    path = Path(output_dir) / JOURNAL_FILE
+    if not path.exists():
+        return
+    try:
+        journal_storage(Path(output_dir)).get_all_studies()
+    except Exception as err:  # the replay raises whatever the garbage trips over (UnicodeDecodeError, KeyError, ...)
+        what = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        raise JournalError(f"search journal {path}: Optuna cannot replay it ({what}); move it aside (or delete it): "
+                           "the next run starts each cell's search afresh, and finished trials stay in the "
+                           "trial store") from None
 
 
 def planned_trials(spec: SweepSpec, paths: ProjectPaths, code_version: str) -> list[TrialPlan]:
@@ -132,24 +156,117 @@ def estimate_train_flops(config: dict[str, Any]) -> float:
     return images * 3 * forward(img)
 
 
-def seconds_per_tflop(paths: ProjectPaths) -> tuple[float | None, str]:
-    """Median wall time per training TFLOP over the finished trials in the store (this machine),
-    and where that figure comes from; (None, "") when no finished trial says."""
-    rates = []
+@dataclass(frozen=True)
+class TimeModel:
+    """What a trial occupies a slot for: a fixed cost (process start, imports, data, evaluation)
+    plus a cost per training TFLOP; `basis` says where the numbers come from."""
+
+    fixed_s: float
+    per_tflop_s: float
+    basis: str
+
+    def seconds(self, flops: float) -> float:
+        return self.fixed_s + self.per_tflop_s * flops / 1e12
+
+    def describe(self) -> str:
+        return f"{self.fixed_s:.0f} s + {self.per_tflop_s:.3g} s/TFLOP per trial, {self.basis}"
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A finished trial's cost as measured: its slot time, what result.json says of it, its FLOPs."""
+
+    seconds: float
+    train_s: float  # result.json: training wall time, summed over resumes
+    eval_s: float  # result.json: the final evaluation
+    flops: float
+    from_ledger: bool  # `seconds` from the ledger's attempts (start-up included); else train + eval
+    on_gpu: bool
+
+
+def measured(trial: TrialDir, record: TrialRecord | None) -> Measured | None:
+    """How long a finished trial the trainer resolved took; None when it is not finished (or was
+    a stand-in without a resolved config). The ledger's attempts give the whole slot (start-up
+    included) when this sweep trained it; result.json alone gives training plus evaluation."""
+    result = trial.result()
+    if not (result and result.done and result.wall_time_s and trial.file(RESOLVED_CONFIG_FILE).is_file()):
+        return None
+    try:
+        flops = estimate_train_flops(trial.read_config() or {})
+    except (KeyError, TypeError, ValueError):
+        return None
+    train_s, eval_s = float(result.wall_time_s), float(result.eval_time_s or 0.0)
+    spans = [h["ended_at"] - h["started_at"] for h in (record.history if record else [])
+             if isinstance(h.get("started_at"), (int, float)) and isinstance(h.get("ended_at"), (int, float))]
+    from_ledger = record is not None and record.state == "done" and not record.reused and bool(spans)
+    return Measured(sum(spans) if from_ledger else train_s + eval_s, train_s, eval_s, flops, from_ledger,
+                    on_gpu=(result.device or "cpu") != "cpu")
+
+
+def fit_time_model(paths: ProjectPaths, ledger: Ledger | None = None, *, on_gpu: bool = False) -> TimeModel | None:
+    """Fixed + per-TFLOP seconds of a trial, from the store's finished trials that ran on a GPU
+    (on_gpu) or not. Least squares on (TFLOP, seconds) when their sizes differ; else (one size, or
+    a fit that noise made negative) each trial's training time per TFLOP, the rest fixed. A trial
+    without the ledger's slot time gets the start-up gap the others show (else a prior).
+    None when no finished trial says."""
     folders = sorted(paths.trials_dir.iterdir())[:MAX_TRIALS_FOR_RATE] if paths.trials_dir.is_dir() else []
+    points = []
     for folder in folders:
         trial = TrialDir(folder)
-        result = trial.result()
-        # The trainer's resolved config: what it really trained (a stand-in or a crash leaves none).
-        if not (result and result.done and result.wall_time_s and trial.file(RESOLVED_CONFIG_FILE).is_file()):
-            continue
-        try:
-            flops = estimate_train_flops(trial.read_config() or {})
-        except (KeyError, TypeError, ValueError):
-            continue
-        if flops > 0:  # training plus evaluation time: what a trial occupies a slot for
-            seconds = float(result.wall_time_s) + float(result.eval_time_s or 0.0)
-            rates.append(seconds / (flops / 1e12))
-    if not rates:
-        return None, ""
-    return statistics.median(rates), f"from {len(rates)} finished trial(s)"
+        cost = measured(trial, ledger.get(trial.trial_id) if ledger else None)
+        if cost is not None and cost.flops > 0 and cost.on_gpu == on_gpu:
+            points.append(cost)
+    if not points:
+        return None
+    gaps = [m.seconds - m.train_s - m.eval_s for m in points if m.from_ledger]
+    startup = max(0.0, statistics.median(gaps)) if gaps else PRIOR_STARTUP_S
+    xs = [m.flops / 1e12 for m in points]
+    ys = [m.seconds + (0.0 if m.from_ledger else startup) for m in points]
+    basis = f"fitted on {len(points)} finished trial(s)"
+    if len(points) >= 2 and max(xs) > MIN_SIZE_SPREAD * min(xs):
+        mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+        if slope >= 0 and mean_y - slope * mean_x >= 0:
+            return TimeModel(mean_y - slope * mean_x, slope, basis)
+    per_tflop = statistics.median(m.train_s / x for m, x in zip(points, xs))
+    fixed = statistics.median(y - per_tflop * x for x, y in zip(xs, ys))
+    return TimeModel(max(0.0, fixed), per_tflop, basis)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU time
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Device:
+    """One GPU model as `plan` prices it: peak dense bf16 throughput and the fraction a trial reaches."""
+
+    gpu: str
+    peak_tflops: float
+    utilisation: float
+
+    def model(self, gpus: int) -> TimeModel:
+        """The time model of a trial on `gpus` of these (before any trial ran here)."""
+        rate = gpus * self.peak_tflops * self.utilisation
+        return TimeModel(PRIOR_FIXED_GPU_S, 1.0 / rate,
+                         f"{gpus} x {self.gpu} at {self.utilisation:.0%} of {self.peak_tflops:g} TFLOP/s bf16")
+
+
+def device_of(spec: SweepSpec) -> Device | None:
+    """The GPU of the sweep's trials: `backend.options.device` over the cluster profile's `device`
+    over the defaults (spec/profiles.py); None when neither names a GPU or its peak."""
+    profile = spec.backend.profile.device if isinstance(spec.backend, SlurmBackendSpec) else DeviceSpec()
+    settings = {**profile.model_dump(exclude_none=True), **spec.backend.options.device.model_dump(exclude_none=True)}
+    gpu = settings.get("gpu")
+    peak = settings.get("peak_tflops") or (GPU_PEAK_TFLOPS[gpu.lower()] if gpu else None)
+    if peak is None:
+        return None
+    return Device(gpu or "GPU", peak, settings.get("utilisation") or DEFAULT_UTILISATION)
+
+
+def gpus_per_trial(spec: SweepSpec, config: dict[str, Any]) -> int:
+    """GPUs one trial holds: the spec's resources, else (Slurm) its profile's for the model scale,
+    the rule backends/slurm/resources.py applies (not imported: it brings submitit)."""
+    resources = spec.backend.resources
+    if isinstance(spec.backend, SlurmBackendSpec) and "gpus_per_trial" not in resources.model_fields_set:
+        return int(spec.backend.profile.resources_for(config.get("model", {}).get("scale"))["gpus"])
+    return resources.gpus_per_trial

@@ -14,14 +14,14 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 from orchestrator.backends.base import Backend, JobHandle, JobState, JobStatus, Submission
 from orchestrator.ledger import Ledger
 from orchestrator import lifecycle
+from orchestrator.lifecycle import SweepOutcome
 from orchestrator.locks import TrialClaim
 from orchestrator.plan import unique_by_id
 from orchestrator.progress import SweepProgress
@@ -33,28 +33,8 @@ if TYPE_CHECKING:  # injected by orchestrator.commands; imported here for their 
     from orchestrator.search.scheduler import SearchScheduler
     from orchestrator.tracking import SweepTracker
 
+T = TypeVar("T")
 MIN_POLL_S = 0.05
-UNFINISHED_STATES = ("planned", "running", "cancelled")
-
-
-@dataclass
-class SweepOutcome:
-    sweep: str
-    output_dir: Path
-    counts: dict[str, int] = field(default_factory=dict)
-    failed: list[str] = field(default_factory=list)  # trial ids that ended failed for good
-    interrupted: bool = False
-    parent_run_id: str | None = None
-    report_path: Path | None = None
-    detached_pid: int | None = None  # run --detach: the background orchestrator
-    log_path: Path | None = None
-
-    @property
-    def ok(self) -> bool:
-        # `failed` leaves out a search's failed explorations (recorded by its study); pruned is a
-        # search's decision. Anything still planned, running or cancelled is unfinished work.
-        unfinished = sum(self.counts.get(state, 0) for state in UNFINISHED_STATES)
-        return not self.interrupted and not self.failed and unfinished == 0 and self.counts.get("done", 0) > 0
 
 
 @dataclass
@@ -113,7 +93,7 @@ class SweepRunner:
                                  "backend": self.backend.name, "store": str(self.paths.trials_dir)})
         self.ledger.save()
         if self.tracker is not None:
-            self.ledger.meta["parent_run_id"] = self.tracker.start(self.ledger.meta.get("parent_run_id"))
+            self._tracked("starting the sweep's MLflow run", self._start_parent)
             self.ledger.save()
         self.backend.connect()  # fails once, clearly, when a cluster is unreachable
         self._recover_running()
@@ -295,15 +275,24 @@ class SweepRunner:
         trial_dir.archive_result(self.ledger.trials[tid].attempts)
         child_run_id = None
         config = dict(trial.config)
-        if self.tracker is not None:
-            self.tracker.parent_for(trial)  # a tuned sweep's trial lives under its cell's run
-            child = self.tracker.find_child(tid)
-            child_run_id = child.info.run_id if child is not None else None
-            config["tracking"] = self.tracker.trial_tracking_section(trial, child_run_id)
-        else:
+        section = self._tracked("looking up the trial's MLflow run", lambda: self.tracker.launch_section(trial))
+        if section is not None:
+            child_run_id, config["tracking"] = section
+            self.ledger.meta["parent_run_id"] = self.tracker.parent_run_id
+        else:  # no tracking, or MLflow is unreachable: the trial logs locally, `sync` fills MLflow in
             config["tracking"] = {**(config.get("tracking") or {}), "enabled": False}
         trial_dir.write_config(config)
         return _Launch(trial, trial_dir, claim, child_run_id)
+
+    def _tracked(self, what: str, fn: Callable[[], T]) -> T | None:
+        """A tracker call that never stops the sweep: None when there is no tracker or MLflow failed."""
+        if self.tracker is None:
+            return None
+        return self.tracker.guarded(what, fn, lambda message: self.progress.event("warning", "MLflow", message))
+
+    def _start_parent(self) -> str:
+        self.ledger.meta["parent_run_id"] = self.tracker.start(self.ledger.meta.get("parent_run_id"))
+        return self.ledger.meta["parent_run_id"]
 
     def _submit_failed(self, launch: _Launch, err: Exception) -> None:
         launch.claim.release()
@@ -377,11 +366,7 @@ class SweepRunner:
             self._release_claim(tid)
 
     def _close_child(self, tid: str, status: str) -> None:
-        try:
-            if self.tracker is not None:
-                self.tracker.mark_child(tid, status)
-        except Exception as err:  # tracking must never break the sweep
-            self.progress.event("warning", tid, f"MLflow: {err}")
+        self._tracked("closing the trial's MLflow run", lambda: self.tracker.mark_child(tid, status))
 
     def _finish(self, interrupted: bool) -> SweepOutcome:
         counts = dict(self.ledger.counts())

@@ -9,12 +9,19 @@ Identity rules that keep runs unique across retries, restarts and re-runs:
 - a tuned sweep (spec `search:`) adds one run per cell between the two (tags `sweep_role=cell` +
   `cell_key`): every search trial and final trial of the cell is its child;
 - `sync_trials` writes what MLflow lacks for finished trials (a child for a trial reused from another
-  sweep's store, final metrics a crashed trainer never logged) and never creates a second child.
+  sweep's store, final metrics a crashed trainer never logged, curve points logged while the server
+  was away: the trial folder's metrics.jsonl against the run's history) and never creates a second
+  child, nor a second copy of a point.
 
-Concurrency on the default SQLite store: the store is created (schema migrated) by the runner
-before any trainer starts, and switched to WAL journaling so readers (the UI, polling) never block
-writers; MLflow itself sets a 20 s busy timeout, and the trainer retries with back-off. Where the
-store is, its tag names and retries live in `orchestrator.mlflow_store`.
+An unreachable store degrades the sweep instead of stopping it: `guarded` calls give up within
+seconds, say so once, and skip MLflow for a while; trials launched meanwhile log locally only and
+the end-of-run sync (or `orchestrator sync`) fills MLflow in.
+
+Concurrency on the default SQLite store: the store is created (schema migrated, under a file lock,
+see `trainer.tracking.prepare_sqlite_store`) before any trainer starts, and switched to WAL
+journaling so readers (the UI, polling) never block writers; MLflow itself sets a 20 s busy
+timeout, and the trainer retries with back-off. Where the store is, its tag names and retries live
+in `orchestrator.mlflow_store`.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from orchestrator.mlflow_store import (
     CELL_KEY_TAG,
@@ -42,11 +49,12 @@ from orchestrator.mlflow_store import (
     artifact_root_for,
     config_params,
     final_metrics,
-    prepare_sqlite_store,
+    open_client,
     quiet_mlflow_logs,
     tracking_target,
     with_retries,
 )
+from trainer.contract import read_metric_points
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -57,6 +65,8 @@ if TYPE_CHECKING:
     from trainer.contract import TrialResult
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+OFFLINE_RETRY_S = 30.0  # after MLflow failed, how long the sweep goes on without it before trying again
 
 
 def _quote(value: str) -> str:
@@ -89,6 +99,8 @@ class SweepTracker:
         self._parent_of: dict[str, str] = {}  # trial id -> its parent run, when not the sweep's
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
+        self._retry_at = 0.0  # MLflow failed: skipped until then
+        self.warned = False
 
     @classmethod
     def for_spec(cls, spec: SweepSpec, paths: ProjectPaths, spec_hash: str = "", code_version: str = "") -> SweepTracker:
@@ -98,12 +110,24 @@ class SweepTracker:
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            from mlflow.tracking import MlflowClient  # heavy (about 1 s): only once MLflow is really used
-
             quiet_mlflow_logs()
-            prepare_sqlite_store(self.tracking_uri)
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = open_client(self.tracking_uri)
         return self._client
+
+    def guarded(self, what: str, fn: Callable[[], T], warn: Callable[[str], None], now: bool = False) -> T | None:
+        """fn(), or None when MLflow failed (now or within OFFLINE_RETRY_S; now=True tries anyway).
+        The first failure is told to `warn`, once: tracking never stops a sweep, the results are on disk."""
+        if not now and time.monotonic() < self._retry_at:
+            return None
+        try:
+            return fn()
+        except Exception as err:  # MLflow raises many types (sqlalchemy, requests, MlflowException)
+            self._retry_at = time.monotonic() + OFFLINE_RETRY_S
+            if not self.warned:
+                self.warned = True
+                warn(f"{what} failed, trials go on and log locally; `orchestrator sync` fills MLflow in later: "
+                     f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            return None
 
     # -- experiment and parent --------------------------------------------------------------------
     @property
@@ -255,6 +279,15 @@ class SweepTracker:
             "run_id": run_id,
         }
 
+    def launch_section(self, trial: TrialPlan) -> tuple[str | None, dict[str, Any]]:
+        """(the trial's existing child run id, its config's `tracking` section) for a launch; the
+        parent is created first when MLflow was away as the sweep began."""
+        if self.parent_run_id is None:
+            self.start()
+        child = self.find_child(trial.trial_id)
+        child_run_id = child.info.run_id if child is not None else None
+        return child_run_id, self.trial_tracking_section(trial, child_run_id)  # a tuned trial: under its cell
+
     def record_result(self, trial: TrialPlan, trial_dir: TrialDir, result: TrialResult) -> tuple[str, str | None]:
         """Make sure the trial's child under this parent shows its finished result.
 
@@ -277,9 +310,13 @@ class SweepTracker:
         config = trial_dir.read_config() or {}
         params = [Param(k, v) for k, v in config_params(config).items() if k not in logged_params]
         logged_metrics = run.data.metrics
+        points = read_metric_points(trial_dir.path)  # curves too; a reused trial's come from its source
+        metrics = [Metric(*p) for p in self._missing_points(run_id, logged_metrics, points)]
+        local = {p[0] for p in points}
         step = int(result.steps or 0)
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in final_metrics(result).items() if k not in logged_metrics]
+        metrics += [Metric(k, v, now, step) for k, v in final_metrics(result).items()
+                    if k not in logged_metrics and k not in local]
         for i in range(0, len(params), 100):  # MLflow's batch limits: 100 params, 1000 metrics
             chunk = params[i:i + 100]
             with_retries("log params", lambda: self.client.log_batch(run_id, params=chunk))
@@ -315,6 +352,25 @@ class SweepTracker:
         return summary
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _missing_points(self, run_id: str, logged: Mapping[str, float],
+                        points: list[tuple[str, float, int, int]]) -> list[tuple[str, float, int, int]]:
+        """The local points the run's history lacks. A key with one local point whose value the run
+        shows is logged (no history request); the others are compared point by point."""
+        by_key: dict[str, list[tuple[str, float, int, int]]] = {}
+        for point in points:
+            by_key.setdefault(point[0], []).append(point)
+        missing = []
+        for key, mine in by_key.items():
+            if key not in logged:
+                missing += mine
+                continue
+            if len(mine) == 1 and logged[key] == mine[0][1]:
+                continue
+            history = with_retries("metric history", lambda key=key: self.client.get_metric_history(run_id, key))
+            have = {(m.key, m.value, m.timestamp, m.step) for m in history}
+            missing += [p for p in mine if p not in have]
+        return list(dict.fromkeys(missing))  # the same point twice in the file (a retried write): once
+
     def _get_run(self, run_id: str) -> Run | None:
         try:
             return self.client.get_run(run_id)

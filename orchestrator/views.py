@@ -13,7 +13,7 @@ from rich.text import Text
 
 from orchestrator.ledger import Ledger, TrialRecord
 from orchestrator.locks import SweepLock
-from orchestrator.plan import PlanDiff, estimate_train_flops
+from orchestrator.plan import PlanDiff, device_of, estimate_train_flops, fit_time_model, gpus_per_trial, measured
 from orchestrator.search.study import CellSummary
 from orchestrator.spec import SweepSpec, TrialPlan, format_value
 from orchestrator.store import ProjectPaths
@@ -23,13 +23,18 @@ STATE_STYLE = {"done": "green", "running": "cyan", "failed": "red", "cancelled":
 STATUS_STATES = ("done", "running", "planned", "failed", "cancelled", "pruned")
 
 
-def plan_view(spec: SweepSpec, trials: list[TrialPlan], diff: PlanDiff, ledger: Ledger, paths: ProjectPaths,
-              seconds_per_tflop: float | None, basis: str) -> Group:
-    """Every trial: new / kept / gone against the ledger, its state, training TFLOP and time; then the total."""
+def plan_view(spec: SweepSpec, trials: list[TrialPlan], diff: PlanDiff, ledger: Ledger, paths: ProjectPaths) -> Group:
+    """Every trial: new / kept / gone against the ledger, its state, training TFLOP, its time (measured
+    when finished, else estimated) and on GPUs its GPU-hours; then what remains."""
+    device = device_of(spec)
+    on_gpu = any(gpus_per_trial(spec, t.config) for t in trials)
+    fitted = fit_time_model(paths, ledger, on_gpu=on_gpu)
     table = Table(title=f"{spec.name}: {len(trials)} trials ({diff.summary()} vs the ledger)", title_justify="left")
-    for column in ("trial", "id", "change", "state", "train TFLOP", "est. time"):
-        table.add_column(column, justify="right" if column in ("train TFLOP", "est. time") else "left")
-    total_tflop = 0.0
+    columns = ["trial", "id", "change", "state", "train TFLOP", "est. time", "measured"] + (["GPU-h"] if on_gpu else [])
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("trial", "id", "change", "state") else "right")
+    remaining = {"tflop": 0.0, "seconds": 0.0, "gpu_h": 0.0, "unknown": 0}
+    bases = set()
     for change, group in (("new", diff.new), ("kept", diff.kept)):
         for trial in group:
             record = ledger.get(trial.trial_id)
@@ -37,28 +42,53 @@ def plan_view(spec: SweepSpec, trials: list[TrialPlan], diff: PlanDiff, ledger: 
                 state = record.state
             else:
                 state = "done (store)" if paths.trial(trial.trial_id).is_done() else "new"
-            tflop = estimate_train_flops(trial.config) / 1e12
-            total_tflop += tflop if not state.startswith("done") else 0.0
-            eta = duration(tflop * seconds_per_tflop) if seconds_per_tflop else "?"
-            table.add_row(escape(trial.label), trial.trial_id, change, styled(state), f"{tflop:,.2f}", eta)
+            flops = estimate_train_flops(trial.config)
+            gpus = gpus_per_trial(spec, trial.config)
+            model = fitted or (device.model(gpus) if device and gpus else None)
+            finished = state.startswith("done")  # shows its measured time (none for a stand-in), never an estimate
+            took = measured(paths.trial(trial.trial_id), record) if finished else None
+            seconds = took.seconds if took else (model.seconds(flops) if model else None)
+            if not finished:
+                remaining["tflop"] += flops / 1e12
+                if seconds is None:
+                    remaining["unknown"] += 1
+                else:
+                    remaining["seconds"] += seconds
+                    remaining["gpu_h"] += gpus * seconds / 3600
+                    bases.add(model.describe())
+            estimate = "" if finished else (duration(seconds) if seconds is not None else "?")
+            row = [escape(trial.label), trial.trial_id, change, styled(state), f"{flops / 1e12:,.2f}", estimate,
+                   duration(took.seconds) if took else ""]
+            if on_gpu:
+                row.append(f"{gpus * seconds / 3600:,.1f}" if seconds is not None else "?")
+            table.add_row(*row)
     for trial_id in diff.gone:
         record = ledger.get(trial_id)
         table.add_row(escape(record.label if record else ""), trial_id, "gone", styled(record.state if record else "?"),
-                      "", "")
-    remaining = f"remaining compute: {total_tflop:,.1f} TFLOP"
-    if seconds_per_tflop:
-        parallel = spec.backend.max_parallel
-        remaining += (f", about {duration(total_tflop * seconds_per_tflop / max(1, parallel))} "
-                      f"at max_parallel={parallel} ({basis})")
-    else:
-        remaining += " (no finished trial in the store yet to estimate time from)"
-    lines: list[Table | Text] = [table, Text(remaining)]
+                      *[""] * (len(columns) - 4))
+    lines: list[Table | Text] = [table, Text(remaining_line(spec, remaining, bases, on_gpu))]
     if spec.search is not None:
         cells = len({tuple(t.cell.values()) for t in trials})
         lines.append(Text(f"search: up to {spec.search.budget()} {spec.search.sampler} trials in each of {cells} cells "
                           f"(shown: the runs made so far and each cell's final trials), then {len(spec.seeds)} seed(s) "
                           "at the chosen settings"))
     return Group(*lines)
+
+
+def remaining_line(spec: SweepSpec, remaining: dict[str, float], bases: set[str], on_gpu: bool) -> str:
+    """`remaining compute: 12.3 TFLOP, about 5m00s at max_parallel=2 (model ...), 3.2 GPU-hours`."""
+    line = f"remaining compute: {remaining['tflop']:,.1f} TFLOP"
+    if remaining["seconds"]:
+        parallel = spec.backend.max_parallel
+        line += (f", about {duration(remaining['seconds'] / max(1, parallel))} at max_parallel={parallel} "
+                 f"({'; '.join(sorted(bases))})")
+        if on_gpu:
+            line += f", {remaining['gpu_h']:,.1f} GPU-hours"
+    if remaining["unknown"]:
+        line += (f"; {remaining['unknown']:.0f} trial(s) without a time estimate (no finished trial in the store "
+                 "yet, and no GPU named: backend.options.device or the cluster profile's device)"
+                 if on_gpu else " (no finished trial in the store yet to estimate time from)")
+    return line
 
 
 def status_view(spec: SweepSpec, trials: list[TrialPlan], paths: ProjectPaths, output_dir: Path,

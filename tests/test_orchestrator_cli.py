@@ -157,6 +157,17 @@ def test_invalid_spec_exits_2_and_writes_nothing(tmp_path, project_root, capsys,
     assert list(project_root.iterdir()) == []
 
 
+def test_run_refuses_files_a_trial_would_miss_but_plan_does_not(tmp_path, project_root, capsys):
+    missing = tmp_path / "nope.pth"
+    spec = write_spec(tmp_path, "files", base=MICRO_BASE,
+                      axes={"init": {"key": "model.pretrained", "values": {"scratch": None, "ckpt": str(missing)}}})
+    assert main(["run", str(spec)]) == 2
+    err = "".join(capsys.readouterr().err.splitlines())  # the console wraps long lines
+    assert "nothing was run" in err and f"axes.init.values.ckpt: model.pretrained: {missing} does not exist" in err
+    assert list(project_root.iterdir()) == []
+    assert main(["plan", str(spec)]) == 0  # planning works where the data is not (a laptop, a login node)
+
+
 def test_missing_spec_and_bad_override_exit_2(tmp_path, project_root, capsys):
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "no such sweep spec file" in capsys.readouterr().err

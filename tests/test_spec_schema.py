@@ -98,7 +98,7 @@ def test_load_profile_reports_every_problem_of_the_file(tmp_path):
     with pytest.raises(SpecError) as caught:
         load_profile(bad)
     assert caught.value.errors == [
-        f"{bad}: partiton: unknown key; allowed: account, array_parallelism, constraint, defaults, description, "
+        f"{bad}: partiton: unknown key; allowed: account, array_parallelism, constraint, defaults, description, device, "
         "env, max_num_timeout, name, partition, poll_max_s, poll_min_s, python, qos, sbatch, scales, setup, "
         "signal_delay_s, stop_timeout_s",
         f"{bad}: defaults.cpus: expected a number >= 0, got -1",

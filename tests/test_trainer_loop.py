@@ -173,12 +173,15 @@ def test_nan_loss_fails_at_once_with_class_nan(tmp_path):
 
 
 def test_errors_are_classified_with_the_last_traceback_line(tmp_path):
-    config = write_config(tmp_path, tiny_config(tmp_path, model={"pretrained": str(tmp_path / "missing.pth")}))
+    # A checkpoint that exists (checked up front) but is garbage fails only when it is loaded.
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a pickle")
+    config = write_config(tmp_path, tiny_config(tmp_path, model={"pretrained": str(garbage)}))
     proc = run_trainer(config, tmp_path / "out")
     assert proc.returncode == 1
     result = json.loads((tmp_path / "out" / RESULT_FILE).read_text())
     assert result["status"] == "failed" and result["failure_class"] == "error"
-    assert result["error"].startswith("FileNotFoundError") and "missing.pth" in result["error"]
+    assert result["error"].startswith("_pickle.UnpicklingError"), result["error"]
 
 
 def test_out_of_memory_is_classified_oom():

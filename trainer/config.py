@@ -1,26 +1,51 @@
 """The typed configuration of one trial: what `python -m trainer --config trial.yaml` reads.
 
-Every section forbids unknown keys, so a typo fails before any work with the key's path and the
-allowed keys. The orchestrator validates sweep specs against this same schema.
+Every section forbids unknown keys and takes scalars strictly (`true` is not 1, 10.5 is not 10), so
+a typo fails before any work with the key's path and the allowed keys. Values are checked against
+the model they build (block ranges vs depth, image vs patch size), and by `check_files` against the
+files they name. The orchestrator validates sweep specs against this same schema.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
+from trainer.scales import SCALES
+from trainer.path_checks import file_problem, folder_problem, tracking_uri_problem
 from trainer.specialization import Specialization
 from trainer.yaml_guard import YamlGuardError, safe_load
 
 Scale = Literal["micro", "tiny", "small", "base", "large", "huge"]
 Framework = Literal["supervised", "dinov2"]
+# Strict scalars: YAML's `true` is not 1, 10.5 is not 10 and "10" is not a number; a float setting
+# still takes an integer (`lr: 1`).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+KeyPath = tuple[str, ...]
+TRIAL_CHECK = "trial_check"  # the error type of the checks below: their messages quote the values
+
+_EXPONENT_RE = re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$")
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def fail_at(problems: Sequence[tuple[KeyPath, str, Any]]) -> ValidationError:
+    """The error a model validator raises for (key path in its section, message, input) problems:
+    pydantic files each under its key (model.specialization), not under the section (model)."""
+    return ValidationError.from_exception_data("TrialConfig", [
+        InitErrorDetails(type=PydanticCustomError(TRIAL_CHECK, "{reason}", {"reason": message}),
+                         loc=loc, input=value)
+        for loc, message, value in problems])
 
 
 class ModelConfig(Section):
@@ -29,11 +54,11 @@ class ModelConfig(Section):
     # `norm1,norm2,final_norm,qkv@first_third`; stored in canonical form so equal sets hash equal.
     specialization: str = "none"
     registers_follow: Literal["cls", "patch"] = "cls"
-    reg_tokens: int = Field(0, ge=0)
-    img_size: int | None = Field(None, gt=0, description="default: the scale's (32 micro, 224 otherwise)")
-    patch_size: int | None = Field(None, gt=0, description="default: the scale's")
-    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
-    layer_scale_init: float | None = Field(1e-4, description="LayerScale init value; null disables LayerScale")
+    reg_tokens: Int = Field(0, ge=0)
+    img_size: Int | None = Field(None, gt=0, description="default: the scale's (32 micro, 224 otherwise)")
+    patch_size: Int | None = Field(None, gt=0, description="default: the scale's")
+    drop_path_rate: Float = Field(0.0, ge=0.0, lt=1.0)
+    layer_scale_init: Float | None = Field(1e-4, description="LayerScale init value; null disables LayerScale")
     pretrained: Path | None = Field(None, description="vanilla timm checkpoint (.pth/.safetensors) to specialize")
 
     @field_validator("specialization")
@@ -41,14 +66,45 @@ class ModelConfig(Section):
     def _canonical_specialization(cls, value: str) -> str:
         return Specialization.parse(value).canonical()
 
+    @property
+    def depth(self) -> int:
+        return int(SCALES[self.scale]["depth"])
+
+    @property
+    def resolved_img_size(self) -> int:
+        return self.img_size or int(SCALES[self.scale]["img_size"])
+
+    @property
+    def resolved_patch_size(self) -> int:
+        return self.patch_size or int(SCALES[self.scale]["patch_size"])
+
+    @model_validator(mode="after")
+    def _fits_the_model(self) -> "ModelConfig":
+        problems = []
+        if found := Specialization.parse(self.specialization).depth_problems(self.depth):
+            problems.append((("specialization",), f"{'; '.join(found)} (model.scale {self.scale} has blocks 0 to "
+                             f"{self.depth - 1}): use indices below {self.depth}, first:N or last:N with N <= "
+                             f"{self.depth}, or a relative range (first_third, last_half, ...)", self.specialization))
+        img, patch = self.resolved_img_size, self.resolved_patch_size
+        if img % patch:
+            default = f"model.scale {self.scale}'s default"
+            sizes = (f"image size {img} ({'model.img_size' if self.img_size else default}) is not a multiple of the "
+                     f"patch size {patch} ({'model.patch_size' if self.patch_size else default})")
+            problems.append((("img_size" if self.img_size else "patch_size",), f"{sizes}: {img % patch} pixel rows and "
+                             f"columns would be dropped; use model.img_size {img - img % patch} or "
+                             f"{img - img % patch + patch}, or a patch size that divides {img}", None))
+        if problems:
+            raise fail_at(problems)
+        return self
+
 
 class ScenesConfig(Section):
     """The built-in procedurally generated dataset (see trainer/data/scenes.py)."""
 
-    num_classes: int = Field(4, ge=2, description="object categories (segmentation has num_classes + 1 with background)")
-    train_size: int = Field(4096, gt=0)
-    val_size: int = Field(512, gt=0)
-    seed: int = 0
+    num_classes: Int = Field(4, ge=2, description="object categories (segmentation has num_classes + 1 with background)")
+    train_size: Int = Field(4096, gt=0)
+    val_size: Int = Field(512, gt=0)
+    seed: Int = 0
 
 
 class DataConfig(Section):
@@ -59,20 +115,20 @@ class DataConfig(Section):
     segmentation_root: Path | None = None
     segmentation_layout: Literal["ade20k", "voc"] = "ade20k"
     depth_root: Path | None = Field(None, description="NYU-style root with train/ and val/ image + depth pairs")
-    num_workers: int = Field(0, ge=0)
+    num_workers: Int = Field(0, ge=0)
     # Hyperparameter search must never select on the test split (the dataset's val/): it reads
     # metrics on a validation split held out of train/ instead, which nothing trains on.
-    val_fraction: float = Field(0.0, ge=0.0, lt=0.5, description=(
+    val_fraction: Float = Field(0.0, ge=0.0, lt=0.5, description=(
         "fraction of each train split held out as the validation split (metrics val/<name>); "
         "the same images for every trial seed"))
 
 
 class ScheduleConfig(Section):
-    steps: int = Field(300, gt=0)
-    batch_size: int = Field(64, gt=0, description="global batch size, split across processes")
-    warmup_steps: int = Field(30, ge=0)
-    checkpoint_every: int = Field(100, gt=0, description="steps between checkpoints")
-    log_every: int = Field(20, gt=0)
+    steps: Int = Field(300, gt=0)
+    batch_size: Int = Field(64, gt=0, description="global batch size, split across processes")
+    warmup_steps: Int = Field(30, ge=0)
+    checkpoint_every: Int = Field(100, gt=0, description="steps between checkpoints")
+    log_every: Int = Field(20, gt=0)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "ScheduleConfig":
@@ -82,64 +138,71 @@ class ScheduleConfig(Section):
 
 
 class OptimizerConfig(Section):
-    lr: float = Field(2e-3, gt=0, description="peak learning rate for the global batch size")
-    min_lr: float = Field(1e-5, ge=0)
-    weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = Field(1.0, gt=0)
+    lr: Float = Field(2e-3, gt=0, description="peak learning rate for the global batch size")
+    min_lr: Float = Field(1e-5, ge=0)
+    weight_decay: Float = Field(0.05, ge=0)
+    betas: tuple[Float, Float] = (0.9, 0.999)
+    grad_clip: Float | None = Field(1.0, gt=0)
 
 
 class SupervisedConfig(Section):
     """DeiT-III: binary cross-entropy on (mixed) one-hot targets, 3-Augment."""
 
     loss: Literal["bce", "ce"] = "bce"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    three_augment: bool = True
+    label_smoothing: Float = Field(0.0, ge=0, lt=1)
+    three_augment: Bool = True
 
 
 class DINOv2Config(Section):
-    out_dim: int = Field(1024, gt=0, description="prototypes of the DINO and iBOT heads")
-    head_hidden_dim: int = Field(512, gt=0)
-    head_bottleneck_dim: int = Field(128, gt=0)
+    out_dim: Int = Field(1024, gt=0, description="prototypes of the DINO and iBOT heads")
+    head_hidden_dim: Int = Field(512, gt=0)
+    head_bottleneck_dim: Int = Field(128, gt=0)
     centering: Literal["centering", "sinkhorn_knopp"] = "sinkhorn_knopp"
-    student_temp: float = Field(0.1, gt=0)
-    teacher_temp: float = Field(0.07, gt=0)
-    warmup_teacher_temp: float = Field(0.04, gt=0)
-    teacher_momentum: float = Field(0.992, ge=0, le=1, description="EMA momentum at the start, cosine to 1")
-    ibot_weight: float = Field(1.0, ge=0)
-    koleo_weight: float = Field(0.1, ge=0)
-    mask_ratio: tuple[float, float] = (0.1, 0.5)
-    mask_probability: float = Field(0.5, ge=0, le=1)
-    local_crops: int = Field(4, ge=0)
-    local_crop_size: int | None = Field(None, gt=0, description="default: img_size * 3/7 rounded to the patch size")
-    global_crop_scale: tuple[float, float] = (0.32, 1.0)
-    local_crop_scale: tuple[float, float] = (0.05, 0.32)
+    student_temp: Float = Field(0.1, gt=0)
+    teacher_temp: Float = Field(0.07, gt=0)
+    warmup_teacher_temp: Float = Field(0.04, gt=0)
+    teacher_momentum: Float = Field(0.992, ge=0, le=1, description="EMA momentum at the start, cosine to 1")
+    ibot_weight: Float = Field(1.0, ge=0)
+    koleo_weight: Float = Field(0.1, ge=0)
+    mask_ratio: tuple[Float, Float] = (0.1, 0.5)
+    mask_probability: Float = Field(0.5, ge=0, le=1)
+    local_crops: Int = Field(4, ge=0)
+    local_crop_size: Int | None = Field(None, gt=0, description="default: img_size * 3/7 rounded to the patch size")
+    global_crop_scale: tuple[Float, Float] = (0.32, 1.0)
+    local_crop_scale: tuple[Float, Float] = (0.05, 0.32)
 
 
 class EvaluationConfig(Section):
-    linear: bool = True
-    knn: bool = True
-    knn_k: int = Field(20, gt=0)
-    segmentation: bool = True
-    depth: bool = True
-    token_interaction: bool = True
-    probe_epochs: int = Field(30, gt=0, description="epochs of the linear probes over cached features")
-    probe_lr: float = Field(1e-2, gt=0)
-    max_train_samples: int | None = Field(2048, gt=0, description="cap on probe training images")
-    max_val_samples: int | None = Field(512, gt=0)
-    every_steps: int = Field(0, ge=0, description=(
+    linear: Bool = True
+    knn: Bool = True
+    knn_k: Int = Field(20, gt=0)
+    segmentation: Bool = True
+    depth: Bool = True
+    token_interaction: Bool = True
+    probe_epochs: Int = Field(30, gt=0, description="epochs of the linear probes over cached features")
+    probe_lr: Float = Field(1e-2, gt=0)
+    max_train_samples: Int | None = Field(2048, gt=0, description="cap on probe training images")
+    max_val_samples: Int | None = Field(512, gt=0)
+    every_steps: Int = Field(0, ge=0, description=(
         "steps between intermediate evaluations (linear + k-NN on the validation split, written to "
         "DIR/progress.jsonl; what a search prunes on); 0: none"))
 
 
 class TrackingConfig(Section):
-    enabled: bool = True
+    enabled: Bool = True
     tracking_uri: str | None = Field(None, description="default: sqlite:///<repo>/mlflow.db")
     experiment: str = "trials"
     parent_run_id: str | None = None
     run_id: str | None = Field(None, description="continue this MLflow run instead of creating one")
     run_name: str | None = None
     tags: dict[str, str] = {}
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _mlflow_store(cls, value: str | None) -> str | None:
+        if value is not None and (problem := tracking_uri_problem(value)):
+            raise ValueError(problem)
+        return value
 
 
 class RuntimeConfig(Section):
@@ -148,7 +211,7 @@ class RuntimeConfig(Section):
     # on: torch.compile; reduce-overhead: torch.compile with CUDA graphs (GPU; fixed shapes, so not
     # for DINOv2's multi-crop); auto: on for GPU, off for CPU.
     compile: Literal["auto", "on", "off", "reduce-overhead"] = "auto"
-    threads: int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's")
+    threads: Int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's")
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -161,7 +224,7 @@ class TrialConfig(Section):
     """One training run: model + framework + data + schedule + evaluation."""
 
     name: str = "trial"
-    seed: int = 0
+    seed: Int = 0
     framework: Framework = "supervised"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -178,6 +241,11 @@ class TrialConfig(Section):
         if self.evaluation.every_steps and not self.data.val_fraction:
             raise ValueError("evaluation.every_steps measures on the validation split: "
                              "set data.val_fraction > 0 (e.g. 0.1), or evaluation.every_steps: 0")
+        crop, patch = self.dinov2.local_crop_size, self.model.resolved_patch_size
+        if self.framework == "dinov2" and crop is not None and crop % patch:
+            fits = f"{max(patch, crop - crop % patch)} or {crop - crop % patch + patch}"
+            raise fail_at([(("dinov2", "local_crop_size"), f"local_crop_size {crop} is not a multiple of the patch "
+                            f"size {patch} (model.patch_size or the scale's): use {fits}", crop)])
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -188,17 +256,35 @@ class ConfigError(ValueError):
     """A config that fails validation; the message names each bad key and what is allowed."""
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: {err.error_count()} invalid setting(s)"]
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = f"unknown key; allowed here: {', '.join(_allowed_keys(e['loc'][:-1]))}"
-        elif e["type"] == "literal_error":
-            msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"  - {path}: {msg}")
+def error_message(e: ErrorDetails) -> str:
+    """One pydantic error as `what was expected (got VALUE)`, with the fix for YAML's `1e-3`."""
+    message = e["msg"].removeprefix("Value error, ")
+    value = e.get("input")
+    if isinstance(value, (dict, list)) or e["type"] in ("missing", TRIAL_CHECK):
+        return message
+    if e["type"] == "float_type" and isinstance(value, str) and _EXPONENT_RE.match(value):
+        mantissa, exponent = value.lower().split("e")
+        fixed = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{'' if exponent[0] in '+-' else '+'}{exponent}"
+        return (f"{message} (got the text {value!r}: YAML reads a number with an exponent but no dot as text; "
+                f"write {fixed})")
+    return f"{message} (got {value!r})"
+
+
+def format_problems(source: str, problems: Sequence[tuple[KeyPath, str]]) -> str:
+    lines = [f"{source}: {len(problems)} invalid setting(s)"]
+    lines += [f"  - {'.'.join(loc) or '<root>'}: {message}" for loc, message in problems]
     return "\n".join(lines)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    problems = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            problems.append((loc, f"unknown key; allowed here: {', '.join(_allowed_keys(loc[:-1]))}"))
+        else:
+            problems.append((loc, error_message(e)))
+    return format_problems(source, problems)
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
@@ -212,10 +298,40 @@ def _allowed_keys(loc: tuple) -> list[str]:
 
 
 def parse_config(data: dict[str, Any], source: str = "config") -> TrialConfig:
+    """`data` as the TrialConfig of a trial to run here: valid, trainable, and the files it names exist."""
     try:
-        return TrialConfig.model_validate(data)
+        cfg = TrialConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+    if problems := training_problems(cfg) + check_files(cfg):
+        raise ConfigError(format_problems(source, problems))
+    return cfg
+
+
+def training_problems(cfg: TrialConfig) -> list[tuple[KeyPath, str]]:
+    """What a valid config may leave out but a trial cannot train without, as (key path, message).
+    (Evaluation alone may use such a config: build_eval_datasets skips the folders it lacks.)"""
+    if cfg.data.dataset == "folders" and cfg.data.classification_root is None:
+        return [(("data", "dataset"), "folders trains on an ImageFolder root: set data.classification_root (a folder "
+                 "with train/ and val/), or data.dataset: scenes")]
+    return []
+
+
+def check_files(cfg: TrialConfig) -> list[tuple[KeyPath, str]]:
+    """The folders and files `cfg` names that this machine lacks or cannot read, as (key path,
+    message): a trial would fail on them only after its start-up. Relative paths are relative to
+    the working directory, as the trainer reads them."""
+    problems = []
+    data = cfg.data
+    if data.dataset == "folders":  # the scenes dataset reads no folder
+        roots = {"classification_root": ("train", "val"), "segmentation_root": (), "depth_root": ("train", "val")}
+        for key, parts in roots.items():
+            root = getattr(data, key)
+            if root is not None and (problem := folder_problem(Path(root), parts)):
+                problems.append((("data", key), problem))
+    if cfg.model.pretrained is not None and (problem := file_problem(Path(cfg.model.pretrained))):
+        problems.append((("model", "pretrained"), problem))
+    return problems
 
 
 def read_config_data(path: str | Path) -> dict[str, Any]:

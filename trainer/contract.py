@@ -10,6 +10,7 @@ so the orchestrator imports it without importing torch.
     DIR/trainer.pid            who runs the trial right now (written by the backend)
     DIR/checkpoint.pt          the latest resumable state (checkpoint.prev.pt: the one before)
     DIR/progress.jsonl         one line per intermediate evaluation: {"step": s, "metrics": {...}}
+    DIR/metrics.jsonl          every point logged to MLflow: {"step": s, "timestamp": ms, "metrics": {...}}
     DIR/result.json            the verdict: `TrialResult`, written last and atomically
     DIR/mlflow_run_id          the MLflow run the trial logs to (kept across resumes)
 """
@@ -33,6 +34,7 @@ PID_FILE = "trainer.pid"
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"  # the one before: the fallback when the latest is unreadable
 PROGRESS_FILE = "progress.jsonl"
+METRICS_FILE = "metrics.jsonl"  # the local copy of every MLflow point, curves included
 RESULT_FILE = "result.json"
 RUN_ID_FILE = "mlflow_run_id"
 TOKEN_PLOT_FILE = "token_interaction.png"
@@ -224,3 +226,17 @@ def read_jsonl(path: Path | str) -> list[Any]:
         except ValueError:
             continue
     return out
+
+
+def read_metric_points(run_dir: Path | str) -> list[tuple[str, float, int, int]]:
+    """DIR/metrics.jsonl as (name, value, timestamp ms, step) points, in the order they were logged."""
+    points = []
+    for record in read_jsonl(Path(run_dir) / METRICS_FILE):
+        if not (isinstance(record, Mapping) and isinstance(record.get("metrics"), Mapping)):
+            continue
+        step, timestamp = record.get("step"), record.get("timestamp")
+        if not (isinstance(step, int) and isinstance(timestamp, int)):
+            continue
+        points += [(str(k), float(v), timestamp, step) for k, v in record["metrics"].items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return points

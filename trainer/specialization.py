@@ -10,6 +10,7 @@ a comma-separated list of `component[@blocks]` rules and preset names. Blocks de
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -116,31 +117,7 @@ class Specialization:
             return text
         if not isinstance(text, str):
             raise SpecializationError(f"specialization must be a string, got {type(text).__name__}")
-        rules: dict[str, BlockRange] = {}
-        for item in _split_top_level(text.strip()):
-            if not item:
-                continue
-            if item in PRESETS:
-                for name, blocks in cls.parse(PRESETS[item]).rules:
-                    rules[name] = blocks
-                continue
-            name, _, range_text = item.partition("@")
-            name = name.strip()
-            names = ALIASES.get(name, (name,))
-            for n in names:
-                if n not in COMPONENT_ORDER:
-                    raise SpecializationError(
-                        f"unknown component or preset {name!r}; components: {', '.join(COMPONENT_ORDER)}, "
-                        f"aliases: {', '.join(ALIASES)}, presets: {', '.join(PRESETS)}"
-                    )
-                if n in MODEL_COMPONENTS:
-                    if range_text and range_text.strip() != "all":
-                        raise SpecializationError(f"{n} is not per block: it takes no block range (got @{range_text})")
-                    rules[n] = BlockRange("all")
-                else:
-                    rules[n] = BlockRange.parse(range_text) if range_text else BlockRange("all")
-        ordered = tuple((n, rules[n]) for n in COMPONENT_ORDER if n in rules)
-        return cls(ordered)
+        return _parse(text)
 
     def canonical(self) -> str:
         """One string per distinct specialization: `paper` and its expansion give the same text."""
@@ -154,6 +131,16 @@ class Specialization:
     def blocks_for(self, component: str, depth: int) -> frozenset[int]:
         blocks = self._index.get(component)
         return frozenset() if blocks is None else blocks.resolve(depth)
+
+    def depth_problems(self, depth: int) -> list[str]:
+        """One line per rule naming blocks a model of `depth` blocks does not have (none: it fits)."""
+        problems = []
+        for name, blocks in self.rules:
+            try:
+                blocks.resolve(depth)
+            except SpecializationError as err:
+                problems.append(f"{name}: {err}")
+        return problems
 
     def block_plan(self, depth: int) -> list[tuple[str, ...]]:
         """For each block index, the components specialized in it (validates ranges against depth)."""
@@ -173,6 +160,37 @@ class Specialization:
 
     def __str__(self) -> str:
         return self.canonical()
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str) -> Specialization:
+    """Parsed once per distinct text (a Specialization is immutable): a 10,000-trial spec validates
+    the same few strings thousands of times."""
+    rules: dict[str, BlockRange] = {}
+    for item in _split_top_level(text.strip()):
+        if not item:
+            continue
+        if item in PRESETS:
+            for name, blocks in _parse(PRESETS[item]).rules:
+                rules[name] = blocks
+            continue
+        name, _, range_text = item.partition("@")
+        name = name.strip()
+        names = ALIASES.get(name, (name,))
+        for n in names:
+            if n not in COMPONENT_ORDER:
+                raise SpecializationError(
+                    f"unknown component or preset {name!r}; components: {', '.join(COMPONENT_ORDER)}, "
+                    f"aliases: {', '.join(ALIASES)}, presets: {', '.join(PRESETS)}"
+                )
+            if n in MODEL_COMPONENTS:
+                if range_text and range_text.strip() != "all":
+                    raise SpecializationError(f"{n} is not per block: it takes no block range (got @{range_text})")
+                rules[n] = BlockRange("all")
+            else:
+                rules[n] = BlockRange.parse(range_text) if range_text else BlockRange("all")
+    ordered = tuple((n, rules[n]) for n in COMPONENT_ORDER if n in rules)
+    return Specialization(ordered)
 
 
 def _split_top_level(text: str) -> list[str]:

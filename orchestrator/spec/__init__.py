@@ -61,8 +61,10 @@ from orchestrator.spec.search import (
     params_label,
 )
 from orchestrator.spec.trial_keys import RESERVED_TRIAL_KEYS, trial_key_problem
+from orchestrator.spec.validation import check_trial_files
 
 __all__ = [
+    "check_trial_files",
     "DEFAULT_METRICS", "FINAL_METRICS", "INTERMEDIATE_METRICS", "RESERVED_TRIAL_KEYS", "Axis", "BackendSpec",
     "LocalBackendSpec", "LocalOptions", "Profile", "RayBackendSpec", "RayOptions", "ReportSpec", "ResourcesSpec",
     "SearchParam", "SearchSpec", "SlurmBackendSpec", "SlurmOptions", "SpecError", "SweepSpec", "TrackingSpec",

@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from trainer.config import error_message
+
 KeyPath = tuple[str, ...]
 
 
@@ -86,14 +88,13 @@ def allowed_fields(model: type[BaseModel], loc: KeyPath) -> list[str]:
 
 
 def pydantic_problems(err: ValidationError, model: type[BaseModel]) -> list[tuple[KeyPath, str]]:
-    """(location, message) per error of `model`, with the allowed keys for typos and the rejected input."""
+    """(location, message) per error of `model`, with the allowed keys for typos and the rejected input
+    (worded as the trainer words it)."""
     out = []
     for e in err.errors():
         loc = tuple(str(p) for p in e["loc"])
-        message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            message = unknown_key_message(loc[-1], allowed_fields(model, loc[:-1]))
-        elif not isinstance(e.get("input"), (dict, list)) and e["type"] != "missing":
-            message = f"{message} (got {e['input']!r})"
-        out.append((loc, message))
+            out.append((loc, unknown_key_message(loc[-1], allowed_fields(model, loc[:-1]))))
+        else:
+            out.append((loc, error_message(e)))
     return out

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field, ValidationError, model_validator
 
-from orchestrator.spec.problems import SpecError
+from orchestrator.spec.problems import Frozen, SpecError
 from orchestrator.store import ProjectPaths
 from trainer.yaml_guard import safe_load
 
@@ -35,6 +36,32 @@ PROFILE_RESOURCE_OF = {"cpus_per_trial": "cpus", "gpus_per_trial": "gpus", "mem_
 # What a trial gets where neither the profile nor the spec sizes it: the defaults of the spec's
 # ResourcesSpec, in profile keys (tests/test_spec_schema.py holds the two together).
 BUILTIN_RESOURCES = {"cpus": 1, "gpus": 0, "mem_gb": 4, "time_min": 60, "nodes": 1}
+
+# Peak dense tensor-core TFLOP/s of one GPU in bf16 (V100: fp16, it has no bf16), from the vendors'
+# spec sheets (sparse figures are twice these): NVIDIA A100 datasheet 312; H100 datasheet 989 (SXM)
+# / 756 (PCIe); H200 datasheet 989; V100 datasheet 125 (SXM2); L40S datasheet 362; L4 datasheet 121;
+# A10 datasheet 125; A40 datasheet 150; AMD Instinct MI250X 383 and MI300X 1307 product pages.
+GPU_PEAK_TFLOPS = {"a100": 312.0, "h100": 989.0, "h100_pcie": 756.0, "h200": 989.0, "v100": 125.0, "l40s": 362.0,
+                   "l4": 121.0, "a10": 125.0, "a40": 150.0, "mi250x": 383.0, "mi300x": 1307.0}
+# The fraction of peak a ViT training step reaches (model FLOPs utilisation): 30-50 % is typical
+# for bf16 ViT training with fused attention; the low end, so a plan errs long.
+DEFAULT_UTILISATION = 0.35
+
+
+class DeviceSpec(Frozen):
+    """The GPU a trial runs on, for `plan`'s GPU-hours: a spec's `backend.options.device` overrides
+    its cluster profile's `device`, field by field."""
+
+    gpu: str | None = Field(None, description=f"one of {', '.join(GPU_PEAK_TFLOPS)} (or give peak_tflops)")
+    peak_tflops: float | None = Field(None, gt=0, description="peak dense bf16 TFLOP/s of one GPU (default: the gpu's)")
+    utilisation: float | None = Field(None, gt=0, le=1,
+                                      description=f"fraction of peak reached (default {DEFAULT_UTILISATION})")
+
+    @model_validator(mode="after")
+    def _known_gpu(self) -> DeviceSpec:
+        if self.gpu is not None and self.peak_tflops is None and self.gpu.lower() not in GPU_PEAK_TFLOPS:
+            raise ValueError(f"unknown gpu {self.gpu!r}; known: {', '.join(GPU_PEAK_TFLOPS)} (or set peak_tflops)")
+        return self
 
 
 @dataclass(frozen=True)
@@ -60,6 +87,7 @@ class Profile:
     env: Mapping[str, str] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
     scales: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    device: DeviceSpec = DeviceSpec()  # the cluster's GPUs, for plan's GPU-hours
 
     def resources_for(self, scale: str | None) -> dict[str, Any]:
         """Resources (RESOURCE_KEYS) of a trial of model scale `scale`: the scale's, else the defaults."""
@@ -121,9 +149,14 @@ def read_profile(path: Path) -> tuple[Profile | None, list[str]]:
                 problems.append(f"{where}.{key}: unknown resource; allowed: {', '.join(RESOURCE_KEYS)}")
             elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 problems.append(f"{where}.{key}: expected a number >= 0, got {value!r}")
+    try:
+        device = DeviceSpec.model_validate(raw.get("device") or {})
+    except ValidationError as err:
+        problems += [f"device{''.join(f'.{part}' for part in e['loc'])}: {e['msg']}" for e in err.errors()]
     if problems:
         return None, problems
     values = {k: v for k, v in raw.items() if k in PROFILE_KEYS}
+    values["device"] = device
     values["setup"] = tuple(values.get("setup") or ())
     values["sbatch"] = dict(values.get("sbatch") or {})
     values["env"] = {str(k): str(v) for k, v in (values.get("env") or {}).items()}

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import Field
 
 from orchestrator.spec.problems import Frozen, KeyPath
-from orchestrator.spec.profiles import Profile
+from orchestrator.spec.profiles import DeviceSpec, Profile
 from orchestrator.spec.search import SearchSpec, params_label
 
 ExpandMode = Literal["grid", "zip", "one_at_a_time"]
@@ -54,6 +54,8 @@ class _CommonOptions(Frozen):
     command: list[str] | str | None = Field(None, description="trainer command; default: python -m trainer")
     env: dict[str, str | int | float | bool] = Field(default_factory=dict, description="extra environment variables")
     grace_s: float = Field(30.0, gt=0, description="seconds between SIGTERM and SIGKILL on cancel")
+    device: DeviceSpec = Field(DeviceSpec(), description="the GPU a trial runs on (plan's GPU-hours; over the "
+                               "cluster profile's `device`)")
 
 
 class LocalOptions(_CommonOptions):

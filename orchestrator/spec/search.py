@@ -34,10 +34,10 @@ LOWER_IS_BETTER = ("depth_rmse", "depth_abs_rel")
 class SearchParam(Frozen):
     """One tuned setting: a range (`low`, `high`, optional `log` or `step`) or a list of `choices`."""
 
-    low: float | None = None
-    high: float | None = None
+    low: int | float | None = None  # ints stay ints: an integer range (is_int)
+    high: int | float | None = None
     log: bool = False
-    step: float | None = Field(None, gt=0)
+    step: int | float | None = Field(None, gt=0)
     choices: list[Any] | None = None
 
     @model_validator(mode="after")

@@ -1,9 +1,11 @@
 """The spec's sections besides the axes: `backend` (with the Slurm cluster profile it names),
-`tracking`, `report` and `search`, each checked into its model with every problem recorded.
+`tracking`, `report` (and its metrics against what the trials measure) and `search`, each checked
+into its model with every problem recorded.
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +29,21 @@ from orchestrator.spec.schema import (
 )
 from orchestrator.spec.search import FINAL_METRICS, INTERMEDIATE_METRICS, SearchSpec, format_value
 from orchestrator.spec.trial_keys import RESERVED_TRIAL_KEYS, trial_key_problem, validate_trial, with_values
+from trainer.config import TrialConfig
 from trainer.contract import VALIDATION_PREFIX
+from trainer.metric_names import metric_table
 
 
 def parse_section(model: type[BaseModel], raw: Any, path: KeyPath, problems: Problems) -> Any:
-    """`raw` (the section at `path`) as `model`; the model's defaults when it does not fit."""
+    """`raw` (the section at `path`) as `model`; the model's defaults when it does not fit. Strict:
+    YAML gives every scalar its type, so `true` is no integer and `"4"` no number (ints pass as floats)."""
     if raw is None:
         return model()
     if not isinstance(raw, dict):
         problems.add(path, f"expected a mapping, got {type(raw).__name__}")
         return model()
     try:
-        return model.model_validate(raw)
+        return model.model_validate(raw, strict=True)
     except ValidationError as err:
         for loc, message in pydantic_problems(err, model):
             problems.add(path + loc, message)
@@ -159,6 +164,36 @@ def parse_report(
                       output=Path(output) if output else None)
 
 
+def check_report_metrics(metrics: list[str], trials: list[TrialConfig], problems: Problems) -> None:
+    """Each of `report.metrics` must be a metric some trial of the sweep reports."""
+    tables: list[dict[str, str | None]] = []  # per trial, built only as far as a metric needs
+    for i, name in enumerate(metrics):
+        why = None
+        for j, trial in enumerate(trials):
+            if j == len(tables):
+                tables.append(metric_table(trial))
+            if name in tables[j] and tables[j][name] is None:
+                break
+            why = why or tables[j].get(name)
+        else:
+            where = ("report", "metrics", str(i))
+            if why is not None:
+                problems.add(where, f"no trial of the sweep measures {name!r}: {why} (in base or an axis value)")
+            else:
+                close = difflib.get_close_matches(name, tables[0], n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                problems.add(where, f"unknown metric {name!r}; {hint}the trials report: {_metric_menu(tables[0])}")
+
+
+def _metric_menu(table: dict[str, str | None]) -> str:
+    """The metric names of one trial's table, the per-block and per-component ones folded."""
+    names = [n for n in table if not n.startswith(("tokens/block", "params_added/"))]
+    blocks = sorted({int(n.split("/")[1].removeprefix("block")) for n in table if n.startswith("tokens/block")})
+    measures = sorted({n.rsplit("/", 1)[1] for n in table if n.startswith("tokens/block")})
+    return ", ".join(names + ["params_added/<specialized component>"]
+                     + ([f"tokens/block<0..{blocks[-1]}>/{{{','.join(measures)}}}"] if blocks else []))
+
+
 def parse_search(raw: Any, base: dict[str, Any], axes: list[Axis], problems: Problems) -> SearchSpec | None:
     """The `search:` section; each tuned key must be a trial setting no axis sets, and each of its
     values (the range's ends, every choice) a valid value of that setting on the base."""
@@ -169,7 +204,7 @@ def parse_search(raw: Any, base: dict[str, Any], axes: list[Axis], problems: Pro
         problems.add(path, f"expected a mapping, got {type(raw).__name__}")
         return None
     try:
-        search = SearchSpec.model_validate(raw)
+        search = SearchSpec.model_validate(raw, strict=True)  # strict as parse_section
     except ValidationError as err:
         for loc, message in pydantic_problems(err, SearchSpec):
             problems.add(path + loc, message)

@@ -1,6 +1,6 @@
 """The trial schema (`trainer.config.TrialConfig`) as a spec sees it: which dotted keys exist,
-which keys a spec may not set, which sections' validators see a key, a dumped config's leaves,
-and how values are merged into a partial config before it is validated.
+which keys a spec may not set, a dumped config's leaves, and how values are merged into a partial
+config before it is validated.
 """
 
 from __future__ import annotations
@@ -35,26 +35,6 @@ def trial_key_problem(parts: Sequence[str], model: type[BaseModel] = TrialConfig
             return f"{'.'.join(parts[: i + 1])} is a setting, not a section: it has no key {parts[i + 1]!r}"
         model, where = sub, ".".join(parts[: i + 1])
     return "empty key"
-
-
-def validator_scopes(key: str) -> set[KeyPath]:
-    """The sections whose model validators see `key`: axes sharing one must be validated together.
-
-    Field validators see only their field, so any two axes whose keys fall under no common
-    model-validated section can be checked one value at a time. (TrialConfig has a model validator
-    of its own, so the root scope is shared by every key: all axes are checked together.)
-    """
-    parts = key.split(".")
-    scopes: set[KeyPath] = set()
-    model: type[BaseModel] | None = TrialConfig
-    for depth in range(len(parts) + 1):
-        if model is None:
-            break
-        if model.__pydantic_decorators__.model_validators:
-            scopes.add(tuple(parts[:depth]))
-        if depth < len(parts):
-            model = section_model(model.model_fields[parts[depth]].annotation)
-    return scopes
 
 
 def flatten(dump: dict[str, Any], model: type[BaseModel] = TrialConfig, prefix: KeyPath = ()) -> dict[KeyPath, Any]:

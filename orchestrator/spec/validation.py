@@ -1,6 +1,7 @@
 """The check of a whole spec: from the raw mapping (after `--set`) to a SweepSpec, recording every
-problem; then the checks that need the cells (a baseline that is a cell, combinations of axes that
-only together make an invalid trial).
+problem; then the checks that need the cells' trials (a baseline that is a cell, combinations of
+axes that only together make an invalid trial, the report's metrics). `check_trial_files` adds,
+before a run, the folders and files each trial reads: `plan`, `status` and `report` do not need them.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from typing import Any
 
 from orchestrator.spec.axes import check_cell, check_exclude, check_include, parse_axes
 from orchestrator.spec.expansion import cells_of, matches, resolve
-from orchestrator.spec.problems import KeyPath, Problems, dotted, unknown_key_message
-from orchestrator.spec.schema import EXPAND_MODES, TOP_LEVEL_KEYS, Axis, SweepSpec, TrackingSpec
-from orchestrator.spec.sections import parse_backend, parse_report, parse_search, parse_section
-from orchestrator.spec.trial_keys import RESERVED_TRIAL_KEYS, validate_trial, validator_scopes, with_values
+from orchestrator.spec.problems import Problems, dotted, unknown_key_message
+from orchestrator.spec.schema import EXPAND_MODES, TOP_LEVEL_KEYS, SweepSpec, TrackingSpec
+from orchestrator.spec.sections import check_report_metrics, parse_backend, parse_report, parse_search, parse_section
+from orchestrator.spec.trial_keys import RESERVED_TRIAL_KEYS, validate_trial, with_values
+from trainer.config import KeyPath, TrialConfig, check_files, training_problems
+from trainer.path_checks import tracking_uri_problem
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -63,6 +66,8 @@ def validate(raw: dict[str, Any], path: Path, overrides: list[str], problems: Pr
 
     backend = parse_backend(raw.get("backend"), problems)
     tracking = parse_section(TrackingSpec, raw.get("tracking"), ("tracking",), problems)
+    if tracking.tracking_uri is not None and (problem := tracking_uri_problem(tracking.tracking_uri)):
+        problems.add(("tracking", "tracking_uri"), f"{problem} (got {tracking.tracking_uri!r})")
     report = parse_report(raw.get("report"), declared, by_name, baseline, problems)
     search = parse_search(raw.get("search"), base, axes, problems) if base is not None else None
 
@@ -92,7 +97,10 @@ def validate(raw: dict[str, Any], path: Path, overrides: list[str], problems: Pr
     for where, cell in checks:
         if cell and not any(matches(c, spec.axes, cell) for c in cells):
             problems.add(where, f"{_cell_text(cell)} is not a cell of the sweep (excluded, or not a zip row)")
-    _check_combinations(spec, cells, problems)
+    trials = _check_cells(spec, cells, problems)
+    report_raw = raw.get("report")
+    if trials and isinstance(report_raw, dict) and "metrics" in report_raw:  # the defaults may go unmeasured
+        check_report_metrics(spec.report.metrics, trials, problems)
     return None if problems.messages else spec
 
 
@@ -120,43 +128,59 @@ def _check_seeds(seeds: Any, problems: Problems) -> list[int]:
     return seeds or [0]
 
 
-def _check_combinations(spec: SweepSpec, cells: list[tuple[str, ...]], problems: Problems) -> None:
-    """Validate together the axes that one model validator sees (e.g. schedule.steps and warmup_steps).
+def _check_cells(spec: SweepSpec, cells: list[tuple[str, ...]], problems: Problems) -> list[TrialConfig]:
+    """Each cell's trial (seeds aside: they change no setting) validated as a whole; returns them
+    for the checks that need every trial.
 
-    Only the combinations that occur in the cells are checked, each once: two interacting 5-value
-    axes cost 25 validations, however many other axes the grid has, unless a validator sees those too.
+    Resolution checked each axis value alone on the base; what is left are combinations that only
+    together make an invalid trial (schedule.steps and warmup_steps set by two axes), reported with
+    the cell to exclude, and settings a trial cannot train with (a folders dataset without its root).
     """
-    for group in _interaction_groups(spec.axes):
-        for combo in sorted({tuple(cell[i] for i in group) for cell in cells}):
-            settings = [spec.axes[i].values[name] for i, name in zip(group, combo)]
-            _, errors = validate_trial(with_values(spec.base, settings))
-            if errors:
-                label = ", ".join(f"{spec.axes[i].name}={name}" for i, name in zip(group, combo))
-                details = "; ".join(f"{dotted(loc)}: {message}" for loc, message in errors)
-                problems.add(("axes",), f"the combination {label} is not a valid trial ({details}); exclude it")
+    trials, reported = [], set()
+    for cell in cells:
+        model, errors = validate_trial(_cell_config(spec, cell))
+        if errors:
+            label = ", ".join(f"{axis.name}={name}" for axis, name in zip(spec.axes, cell))
+            details = "; ".join(f"{dotted(loc)}: {message}" for loc, message in errors)
+            problems.add(("axes",), f"the combination {label} is not a valid trial ({details}); exclude it")
+        elif model is not None:
+            trials.append(model)
+            _report_where_written(spec, cell, training_problems(model), reported, problems)
+    return trials
 
 
-def _interaction_groups(axes: list[Axis]) -> list[list[int]]:
-    """Groups (of >= 2 axis indices) whose keys share a model-validated section."""
-    group_of = list(range(len(axes)))
+def check_trial_files(spec: SweepSpec) -> None:
+    """Before a run: every folder and file the spec's trials read (dataset roots, model.pretrained)
+    exists here and is readable, or SpecError names each missing one where the spec writes it."""
+    problems: Problems = Problems(str(spec.source))
+    reported: set[tuple[KeyPath, str]] = set()
+    for cell in cells_of(spec):
+        model, _ = validate_trial(_cell_config(spec, cell))  # load_spec validated every cell
+        assert model is not None
+        _report_where_written(spec, cell, check_files(model), reported, problems)
+    problems.raise_if_any()
 
-    def find(i: int) -> int:
-        while group_of[i] != i:
-            i = group_of[i]
-        return i
 
-    scope_owner: dict[KeyPath, int] = {}
-    for i, axis in enumerate(axes):
-        for key in axis.keys:
-            for scope in validator_scopes(key):
-                if scope in scope_owner:
-                    group_of[find(i)] = find(scope_owner[scope])
-                else:
-                    scope_owner[scope] = i
-    groups: dict[int, list[int]] = {}
-    for i in range(len(axes)):
-        groups.setdefault(find(i), []).append(i)
-    return [sorted(g) for g in groups.values() if len(g) > 1]
+def _report_where_written(spec: SweepSpec, cell: tuple[str, ...], found: list[tuple[KeyPath, str]],
+                          reported: set[tuple[KeyPath, str]], problems: Problems) -> None:
+    """Each problem of a cell's trial once, at the base key or the axis value that sets the setting."""
+    for loc, message in found:
+        where = _written_at(spec, cell, loc)
+        if (where, message) not in reported:
+            reported.add((where, message))
+            problems.add(where, message if where[0] == "base" else f"{dotted(loc)}: {message}")
+
+
+def _cell_config(spec: SweepSpec, cell: tuple[str, ...]) -> dict[str, Any]:
+    return with_values(spec.base, [axis.values[name] for axis, name in zip(spec.axes, cell)])
+
+
+def _written_at(spec: SweepSpec, cell: tuple[str, ...], loc: tuple[str, ...]) -> tuple[str, ...]:
+    """Where the spec sets the trial setting `loc` for `cell`: the axis value that patches it, else the base."""
+    for axis, name, patches in zip(spec.axes, cell, spec.resolution.patches):
+        if any(path == loc for path, _ in patches[name]):
+            return ("axes", axis.name, "values", name)
+    return ("base", *loc)
 
 
 def _cell_text(cell: dict[str, str]) -> str:

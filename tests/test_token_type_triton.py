@@ -1,0 +1,72 @@
+"""The Triton kernels of the two-branch LayerNorm and LayerScale equal their aten compositions.
+
+On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: the variable must be
+set before the kernels are defined); on a GPU, compiled, in process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.models import token_type_ops, token_type_triton
+
+ops = torch.ops.specialized_vit
+# (shape, num_prefix, bias, dtypes): a dim that is not a power of two, several prefix rows, more
+# rows than backward programs (each program then loops over rows, the last ones partly past the end).
+BOTH = (torch.float32, torch.bfloat16)
+CASES = [((2, 7, 48), 1, True, BOTH), ((2, 7, 64), 3, False, BOTH), ((1, 520, 8), 2, True, (torch.float32,))]
+
+
+def check(device: str) -> None:
+    """Compare each kernel with the composition the CPU runs, on `device`, for fp32 and bf16 inputs."""
+    composition = {name: token_type_ops.COMPOSITIONS[getattr(ops, name).default]
+                   for name in ("layer_norm", "layer_norm_backward", "scale", "scale_backward")}
+    g = torch.Generator().manual_seed(0)
+    for shape, p, bias, dtype in [(*c[:3], d) for c in CASES for d in c[3]]:
+        d = shape[-1]
+        x, grad = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(2))
+        w, b, pw, pb = (torch.randn(d, generator=g).to(device) for _ in range(4))
+        b, pb = (b, pb) if bias else (None, None)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        # The reference: the aten composition in float32 (the kernels compute in float32 whatever they load).
+        xf, gf = x.float(), grad.float()
+        got = token_type_triton.layer_norm(x, w, b, pw, pb, p, 1e-6)
+        want = composition["layer_norm"](xf, w, b, pw, pb, p, 1e-6)
+        compare(f"layer_norm {shape} {dtype}", got, want, tol)
+        compare(f"layer_norm_backward {shape} {dtype}", token_type_triton.layer_norm_backward(grad, x, *got[1:], w, pw, p, bias),
+                composition["layer_norm_backward"](gf, xf, *want[1:], w, pw, p, bias), tol)
+        compare(f"scale {shape} {dtype}", [token_type_triton.scale(x, w, pw, p)], [composition["scale"](xf, w, pw, p)], tol)
+        compare(f"scale_backward {shape} {dtype}", token_type_triton.scale_backward(gf, x, w, pw, p),
+                composition["scale_backward"](gf, xf, w, pw, p), tol)
+
+
+def compare(what: str, got, want, tol: dict) -> None:
+    for i, (a, e) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a.float(), e.float(), **tol, msg=lambda m: f"{what} [{i}]: {m}")
+
+
+@pytest.mark.slow
+def test_kernels_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = "import test_token_type_triton as t; t.check('cpu')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_kernels_on_the_gpu():
+    check("cuda")
+    # The layers dispatch to the kernels on CUDA: one model step agrees with the CPU composition.
+    x = torch.randn(4, 9, 32)
+    norm = torch.nn.LayerNorm(32)
+    args = (norm.weight.detach(), norm.bias.detach(), norm.weight.detach() * 2, norm.bias.detach() + 1, 2, 1e-6)
+    cpu = ops.layer_norm(x, *args)[0]
+    gpu = ops.layer_norm(x.cuda(), *(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))[0]
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
