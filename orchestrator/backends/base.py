@@ -163,15 +163,14 @@ class Backend(ABC):
     def poll(self, handles: Iterable[JobHandle]) -> dict[str, JobState]:
         """The state of each handle, keyed by trial id: one call for all of a sweep's jobs."""
 
-    @abstractmethod
     def cancel(self, handle: JobHandle) -> None:
         """Stop the job (resumably where possible) and wait until it is gone."""
+        self.cancel_many([handle])
 
+    @abstractmethod
     def cancel_many(self, handles: Sequence[JobHandle], grace_s: float | None = None) -> None:
-        """Stop several jobs; `grace_s` bounds the wait before a hard kill (None: the backend's default).
-        Backends override this to stop the jobs concurrently."""
-        for handle in handles:
-            self.cancel(handle)
+        """Stop several jobs at once; `grace_s` bounds the wait before a hard kill (None: the
+        backend's default)."""
 
     @abstractmethod
     def reattach(self, handle_dict: Mapping[str, Any]) -> JobHandle | None:

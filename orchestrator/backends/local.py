@@ -97,9 +97,6 @@ class LocalBackend(Backend):
         return len(self._children) + len(self._adopted)
 
     # -- cancel -----------------------------------------------------------------------------------
-    def cancel(self, handle: JobHandle) -> None:
-        self.cancel_many([handle])
-
     def cancel_many(self, handles: Sequence[JobHandle], grace_s: float | None = None) -> None:
         """SIGTERM every job's process group at once, wait up to `grace_s`, then SIGKILL the rest."""
         grace = self.grace_s if grace_s is None else grace_s

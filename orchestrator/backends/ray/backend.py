@@ -227,9 +227,6 @@ class RayBackend(Backend):
         return len(self._jobs)
 
     # -- cancel -----------------------------------------------------------------------------------
-    def cancel(self, handle: JobHandle) -> None:
-        self.cancel_many([handle])
-
     def cancel_many(self, handles: Sequence[JobHandle], grace_s: float | None = None) -> None:
         """Ask every trial's actor to stop it at once (SIGTERM: the trainer checkpoints), wait up to
         `grace_s`, SIGKILL the rest, then kill the actors."""

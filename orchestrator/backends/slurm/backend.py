@@ -186,9 +186,6 @@ class SlurmBackend(Backend):
         return len(self._tracked)
 
     # -- cancel -----------------------------------------------------------------------------------
-    def cancel(self, handle: JobHandle) -> None:
-        self.cancel_many([handle])
-
     def cancel_many(self, handles: Sequence[JobHandle], grace_s: float | None = None) -> None:
         """scancel: Slurm sends SIGTERM (the trainer checkpoints and exits 75), then SIGKILL after the
         cluster's KillWait; grace_s=0 kills at once. Waits until the jobs have left the queue."""
