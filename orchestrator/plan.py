@@ -1,6 +1,7 @@
 """What a sweep asks for, computed in one place: its trials (plain, or a tuned sweep's searches and
-final trials), how they differ from what the ledger holds, and what they cost: training FLOPs, a
-trial's time (fixed + per-TFLOP seconds, fitted on finished trials) and, on GPUs, GPU-hours.
+final trials), how they differ from what the ledger holds, what they cost (training FLOPs, a
+trial's time: fixed + per-TFLOP seconds, fitted on finished trials; on GPUs, GPU-hours), and the
+power of its comparisons (the paired SD of each metric, from finished trials or the spec's prior).
 
 Read-only: nothing here writes a file or creates an Optuna study, so `plan`, `status` and the report
 can call it while a sweep runs. Torch-free: the cost estimate reads the scale table, not the models.
@@ -8,19 +9,25 @@ can call it while a sweep runs. Torch-free: the cost estimate reads the scale ta
 
 from __future__ import annotations
 
+import copy
+import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.identity import canonical_json, code_version
 from orchestrator.ledger import Ledger, TrialRecord
+from orchestrator.mlflow_store import final_metrics
 from orchestrator.search.scheduler import CellTrials, cell_trials, final_trials, open_studies
 from orchestrator.search.study import JOURNAL_FILE, CellSummary, journal_storage
 from orchestrator.spec import SlurmBackendSpec, SweepSpec, TrialPlan, expand
 from orchestrator.spec.profiles import DEFAULT_UTILISATION, GPU_PEAK_TFLOPS, DeviceSpec
+from orchestrator.stats.design import CellKey, cell_key, compared_pairs
+from orchestrator.stats.power import MetricPower, pooled_paired_sd
 from orchestrator.store import ProjectPaths, TrialDir
-from trainer.contract import RESOLVED_CONFIG_FILE
+from trainer.contract import NON_IDENTITY_KEYS, RESOLVED_CONFIG_FILE
 from trainer.scales import SCALES
 
 MAX_TRIALS_FOR_RATE = 500  # trial folders read to measure this machine's speed
@@ -270,3 +277,112 @@ def gpus_per_trial(spec: SweepSpec, config: dict[str, Any]) -> int:
     if isinstance(spec.backend, SlurmBackendSpec) and "gpus_per_trial" not in resources.model_fields_set:
         return int(spec.backend.profile.resources_for(config.get("model", {}).get("scale"))["gpus"])
     return resources.gpus_per_trial
+
+
+# ----------------------------------------------------------------------------------------------
+# Power
+# ----------------------------------------------------------------------------------------------
+SD_FROM_SWEEP = "finished trials of this sweep"
+SD_FROM_EARLIER = "earlier trials of this sweep (other trainer code or settings)"
+SD_FROM_PRIOR = "the spec's prior (report.paired_sd)"
+SD_UNKNOWN = "unknown"
+Runs = dict[tuple[CellKey, int], dict[str, float]]  # (cell, seed) -> a finished trial's final metrics
+
+
+def compared_trials(spec: SweepSpec, trials: list[TrialPlan], paths: ProjectPaths) -> list[TrialPlan]:
+    """The trials the report compares: all of a plain sweep's; a tuned sweep's final ones (its
+    search runs differ in their settings, so pairing them by seed would measure the search)."""
+    if spec.search is None:
+        return trials
+    return tuned_trials(spec, sweep_output_dir(spec, paths), code_version()).final
+
+
+def finished_metrics(trial: TrialDir) -> dict[str, float] | None:
+    """A finished trial's final metrics as the report reads them from result.json; None if not finished."""
+    result = trial.result()
+    return final_metrics(result) if result is not None and result.done else None
+
+
+def paired_differences(spec: SweepSpec, runs: Runs, metrics: Sequence[str]) -> dict[str, list[list[float]]]:
+    """Per metric, one list per compared (variant, reference) pair: variant - reference at each seed
+    both finished with the metric (the report's pairs: orchestrator/stats/design.py)."""
+    seeds_of: dict[CellKey, set[int]] = {}
+    for cell, seed in runs:
+        seeds_of.setdefault(cell, set()).add(seed)
+    out: dict[str, list[list[float]]] = {metric: [] for metric in metrics}
+    for variant, reference in compared_pairs(spec, set(seeds_of)):
+        seeds = sorted(seeds_of[variant] & seeds_of[reference])
+        for metric in metrics:
+            out[metric].append([runs[variant, s][metric] - runs[reference, s][metric] for s in seeds
+                                if metric in runs[variant, s] and metric in runs[reference, s]])
+    return out
+
+
+def _setting(config: Mapping[str, Any], axis_keys: set[str]) -> str:
+    """A trial's config without what the axes set, its seed and its non-identity keys: trials with
+    the same setting differ only in their cell and seed, so pairing them by seed is fair."""
+    plain = copy.deepcopy({k: v for k, v in config.items() if k not in NON_IDENTITY_KEYS and k != "seed"})
+    for key in axis_keys:
+        *parents, leaf = key.split(".")
+        node: Any = plain
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return canonical_json(plain)
+
+
+def earlier_runs(spec: SweepSpec, ledger: Ledger, planned_ids: set[str], paths: ProjectPaths) -> list[Runs]:
+    """The sweep's finished trials its spec no longer asks for (its ledger's: the same cells under an
+    earlier trainer code or other settings), one Runs per setting, the newest trial of each slot."""
+    axis_keys = {key for axis in spec.axes for key in axis.keys}
+    axis_keys |= {key for axis in spec.axes for patch in axis.values.values() for key in patch}
+    by_setting: dict[str, Runs] = {}
+    newest: dict[tuple[str, CellKey, int], float] = {}
+    for record in ledger:
+        if record.trial_id in planned_ids or record.state != "done":
+            continue
+        trial = paths.trial(record.trial_id)
+        metrics, config = finished_metrics(trial), trial.read_config()
+        if metrics is None or config is None:
+            continue
+        setting, slot = _setting(config, axis_keys), (cell_key(record.cell), int(record.seed))
+        ended = record.ended_at if record.ended_at is not None else -math.inf
+        if newest.get((setting, *slot), -math.inf) <= ended:
+            newest[(setting, *slot)] = ended
+            by_setting.setdefault(setting, {})[slot] = metrics
+    return list(by_setting.values())
+
+
+def power_plan(spec: SweepSpec, trials: list[TrialPlan], ledger: Ledger, paths: ProjectPaths,
+               metrics: Sequence[str]) -> list[MetricPower]:
+    """Each metric's power at the spec's seed count, with the paired SD (pooled over the report's
+    comparisons) from the first source that has one: the finished trials among `trials` (the ones
+    the report compares), else this sweep's earlier trials in the ledger, else report.paired_sd."""
+    seeds = len(spec.seeds)
+    own: Runs = {}
+    for trial in trials:
+        values = finished_metrics(paths.trial(trial.trial_id))
+        if values is not None:
+            own[(cell_key(trial.cell), trial.seed)] = values
+    own_differences = paired_differences(spec, own, metrics)
+    earlier: list[dict[str, list[list[float]]]] | None = None  # read only when some metric needs it
+    out = []
+    for metric in metrics:
+        target = spec.report.target_effects.get(metric)
+        pooled = pooled_paired_sd(own_differences[metric])
+        source = SD_FROM_SWEEP
+        if pooled is None:
+            if earlier is None:
+                planned = {trial.trial_id for trial in trials}
+                earlier = [paired_differences(spec, runs, metrics) for runs in earlier_runs(spec, ledger, planned, paths)]
+            pooled = pooled_paired_sd(diffs for setting in earlier for diffs in setting[metric])
+            source = SD_FROM_EARLIER
+        if pooled is not None:
+            out.append(MetricPower(metric, seeds, pooled.sd, f"{source}: {pooled.pairs} comparison(s), "
+                                   f"{pooled.dof} degree(s) of freedom", target))
+        elif metric in spec.report.paired_sd:
+            out.append(MetricPower(metric, seeds, spec.report.paired_sd[metric], SD_FROM_PRIOR, target))
+        else:
+            out.append(MetricPower(metric, seeds, None, SD_UNKNOWN, target))
+    return out

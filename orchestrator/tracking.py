@@ -54,7 +54,7 @@ from orchestrator.mlflow_store import (
     tracking_target,
     with_retries,
 )
-from trainer.contract import read_metric_points
+from trainer.contract import RUN_ARTIFACT_FILES, read_metric_points
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -326,9 +326,10 @@ class SweepTracker:
         missing_tags = [RunTag(k, v) for k, v in self.child_tags(trial).items() if k not in run.data.tags]
         if missing_tags:
             with_retries("log tags", lambda: self.client.log_batch(run_id, tags=missing_tags))
+        artifacts = self._log_missing_artifacts(run_id, trial_dir)
         if run.info.status != "FINISHED":
             with_retries("finish child", lambda: self.client.set_terminated(run_id, status="FINISHED"))
-        if outcome is None and (params or metrics or missing_tags or run.info.status != "FINISHED"):
+        if outcome is None and (params or metrics or missing_tags or artifacts or run.info.status != "FINISHED"):
             outcome = "completed"
         return run_id, outcome
 
@@ -370,6 +371,15 @@ class SweepTracker:
             have = {(m.key, m.value, m.timestamp, m.step) for m in history}
             missing += [p for p in mine if p not in have]
         return list(dict.fromkeys(missing))  # the same point twice in the file (a retried write): once
+
+    def _log_missing_artifacts(self, run_id: str, trial_dir: TrialDir) -> list[str]:
+        """Upload the trial's run artifacts the run lacks (the trainer's uploads were lost while the
+        server was down, or the trial was trained under another sweep); returns their names."""
+        logged = {a.path for a in with_retries("list artifacts", lambda: self.client.list_artifacts(run_id))}
+        missing = [name for name in RUN_ARTIFACT_FILES if name not in logged and (trial_dir.path / name).is_file()]
+        for name in missing:
+            with_retries("log artifact", lambda name=name: self.client.log_artifact(run_id, str(trial_dir.path / name)))
+        return missing
 
     def _get_run(self, run_id: str) -> Run | None:
         try:

@@ -13,9 +13,21 @@ from rich.text import Text
 
 from orchestrator.ledger import Ledger, TrialRecord
 from orchestrator.locks import SweepLock
-from orchestrator.plan import PlanDiff, device_of, estimate_train_flops, fit_time_model, gpus_per_trial, measured
+from orchestrator.plan import (
+    SD_UNKNOWN,
+    PlanDiff,
+    compared_trials,
+    device_of,
+    estimate_train_flops,
+    fit_time_model,
+    gpus_per_trial,
+    measured,
+    power_plan,
+)
+from orchestrator.report.metrics import QUALITY, MetricSpec, metric_spec
 from orchestrator.search.study import CellSummary
 from orchestrator.spec import SweepSpec, TrialPlan, format_value
+from orchestrator.stats.power import ALPHA, MAX_SEEDS, POWER, MetricPower
 from orchestrator.store import ProjectPaths
 
 STATE_STYLE = {"done": "green", "running": "cyan", "failed": "red", "cancelled": "yellow", "pruned": "magenta",
@@ -72,7 +84,65 @@ def plan_view(spec: SweepSpec, trials: list[TrialPlan], diff: PlanDiff, ledger: 
         lines.append(Text(f"search: up to {spec.search.budget()} {spec.search.sampler} trials in each of {cells} cells "
                           f"(shown: the runs made so far and each cell's final trials), then {len(spec.seeds)} seed(s) "
                           "at the chosen settings"))
+    lines += power_view(spec, compared_trials(spec, trials, paths), ledger, paths)
     return Group(*lines)
+
+
+def _amount(metric: MetricSpec, value: float | None) -> str:
+    """A difference in the metric's display units (`1.23 pts`); '?' when unknown."""
+    if value is None:
+        return "?"
+    unit = metric.difference_unit
+    return f"{value * metric.scale:.{metric.decimals}f}" + (f" {unit}" if unit else "")
+
+
+def power_view(spec: SweepSpec, trials: list[TrialPlan], ledger: Ledger, paths: ProjectPaths) -> list[Table | Text]:
+    """Per quality metric of the report: the paired SD and where it came from, the smallest paired
+    difference the planned seeds detect, and the seeds the spec's target effect needs."""
+    metrics = [metric_spec(name) for name in spec.report.metrics]
+    metrics = [m for m in metrics if m.kind == QUALITY]  # costs and token cosines are not tested
+    if not metrics:
+        return []
+    powers = power_plan(spec, trials, ledger, paths, [m.name for m in metrics])
+    seeds = len(spec.seeds)
+    table = Table(title=f"power: paired t test, two-sided {ALPHA:.0%}, {POWER:.0%} power, {seeds} seed(s) per cell",
+                  title_justify="left")
+    for column in ("metric", "paired SD", "SD from", f"detectable Δ at {seeds} seeds", "target Δ",
+                   "seeds for target"):
+        table.add_column(column, justify="left" if column in ("metric", "SD from") else "right")
+    unknown = []
+    for metric, power in zip(metrics, powers):
+        table.add_row(escape(metric.name), _amount(metric, power.sd), escape(power.sd_source),
+                      _detectable_text(metric, power), _amount(metric, power.target) if power.target else "",
+                      _seeds_text(power))
+        if power.sd_source == SD_UNKNOWN:
+            unknown.append(metric.name)
+    lines: list[Table | Text] = [table]
+    if unknown:
+        lines.append(Text(f"no paired SD yet for {', '.join(unknown)}: finish two seeds of a variant and its "
+                          "reference, or give a prior: report.paired_sd: {" + ", ".join(f"{n}: ..." for n in unknown)
+                          + "} (logged units, e.g. 0.006 for 0.6 mIoU points)"))
+    lines.append(Text("detectable Δ: the smallest true paired difference a single test finds 80% of the time; the "
+                      "report's Holm correction over all its comparisons needs somewhat more"))
+    return lines
+
+
+def _detectable_text(metric: MetricSpec, power: MetricPower) -> str:
+    d = power.detectable_effect_size
+    if d is None:
+        return "none (1 seed)"
+    if power.sd is None:
+        return f"{d:.2f} × SD"  # Cohen's d: known from the seed count alone
+    return _amount(metric, power.detectable)
+
+
+def _seeds_text(power: MetricPower) -> str:
+    if power.target is None:
+        return "set report.target_effects"
+    needed = power.seeds_for_target
+    if needed is None:
+        return "?" if power.sd is None else f"> {MAX_SEEDS}"
+    return str(needed)
 
 
 def remaining_line(spec: SweepSpec, remaining: dict[str, float], bases: set[str], on_gpu: bool) -> str:

@@ -49,16 +49,18 @@ def test_compiled_step_generates_about_vanillas_kernels():
     y = torch.randint(0, 10, (2,))
     kernels, breaks, grads = {}, {}, {}
     for spec in ("none", "paper", "all"):
-        model = build("micro", spec)
+        # Three blocks, not micro's six: kernels per block are what differ, and inductor on CPU
+        # compiles for minutes at full depth. `paper`'s QKV then specializes block 0 (the first third).
+        model = build("micro", spec, depth=3)
         torch._dynamo.reset()
-        breaks[spec] = torch._dynamo.explain(model)(x).graph_break_count
-        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
         torch._inductor.metrics.reset()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loss = torch.nn.functional.cross_entropy(torch.compile(model)(x), y)
             loss.backward()
         kernels[spec] = torch._inductor.metrics.generated_kernel_count
+        breaks[spec] = sum(torch._dynamo.utils.counters["graph_break"].values())
         grads[spec] = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()  # eager: the same gradients

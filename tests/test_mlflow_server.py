@@ -1,75 +1,21 @@
-"""A sweep against a real `mlflow server` (HTTP tracking), checked through the server's REST API:
-the runs it logs, and a server killed mid-sweep that neither stalls the trials nor loses a point."""
+"""A server killed mid-sweep neither stalls the trials nor loses a point: a real `mlflow server`
+(HTTP tracking), checked through its REST API. (The runs a served sweep logs: test_mlflow_browser.py.)"""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
+from support.mlflow_server import MlflowServer, rest
 
-from conftest import MICRO_BASE, PYTHON, REPO, free_port, read_ledger, wait_for, write_spec
-from trainer.contract import RESULT_FILE, read_metric_points, read_result
+from conftest import MICRO_BASE, PYTHON, REPO, wait_for, write_spec
+from trainer.contract import RESULT_FILE, RUN_ARTIFACT_FILES, read_metric_points, read_result
 
 pytestmark = pytest.mark.slow
-
-
-def rest(base: str, endpoint: str, payload: dict | None = None, query: dict | None = None) -> dict:
-    url = f"{base}/api/2.0/mlflow/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
-    data = json.dumps(payload).encode() if payload is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                     method="POST" if data is not None else "GET")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
-class MlflowServer:
-    """A real `mlflow server` on loopback that a test can kill and start again (same port, same store)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = folder / "mlflow_server.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                 f"sqlite:///{self.folder / 'server.db'}", "--artifacts-destination", str(self.folder / "server_artifacts"),
-                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-                cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(self.healthy, timeout=180, interval=0.5, what="mlflow server /health")
-
-    def healthy(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError("mlflow server exited:\n" + self.log_path.read_text()[-3000:])
-        try:
-            with urllib.request.urlopen(f"{self.base}/health", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        os.killpg(self.proc.pid, sig)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.proc = None
 
 
 @pytest.fixture
@@ -80,47 +26,6 @@ def server(tmp_path: Path):
         yield served
     finally:
         served.stop()
-
-
-@pytest.fixture
-def mlflow_server(server: MlflowServer) -> str:
-    return server.base
-
-
-def test_sweep_logs_parent_and_children_to_an_mlflow_server(tmp_path, project_root, cli_env, mlflow_server):
-    spec = write_spec(tmp_path, "served", base=MICRO_BASE,
-                      axes={"specialization": {"key": "model.specialization", "values": {"none": "none", "paper": "paper"}}},
-                      backend={"max_parallel": 2, "retries": 1},
-                      tracking={"tracking_uri": mlflow_server, "experiment": "served_sweep"})
-    proc = subprocess.run([PYTHON, "-m", "orchestrator", "run", str(spec), "--no-report"], cwd=REPO, env=cli_env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert not (project_root / "mlflow.db").exists()  # everything went to the server
-
-    experiment = rest(mlflow_server, "experiments/get-by-name", query={"experiment_name": "served_sweep"})["experiment"]
-    parents = rest(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
-                                                  "filter": "tags.sweep_role = 'parent'"}).get("runs", [])
-    assert len(parents) == 1
-    parent = parents[0]
-    tags = {t["key"]: t["value"] for t in parent["data"].get("tags", [])}
-    assert tags["sweep_name"] == "served" and parent["info"]["status"] == "FINISHED"
-
-    children = rest(mlflow_server, "runs/search", {
-        "experiment_ids": [experiment["experiment_id"]],
-        "filter": f"tags.`mlflow.parentRunId` = '{parent['info']['run_id']}'"}).get("runs", [])
-    ledger = read_ledger(project_root, "served")
-    assert len(children) == 2
-    seen = set()
-    for child in children:
-        child_tags = {t["key"]: t["value"] for t in child["data"].get("tags", [])}
-        params = {p["key"]: p["value"] for p in child["data"].get("params", [])}
-        metrics = {m["key"]: m["value"] for m in child["data"].get("metrics", [])}
-        seen.add(child_tags["trial_id"])
-        assert child["info"]["status"] == "FINISHED"
-        assert params["model.scale"] == "micro" and params["model.specialization"] in ("none", params["model.specialization"])
-        for metric in ("linear_top1_cls", "knn_top1", "seg_miou", "depth_rmse", "flops"):
-            assert metric in metrics, (metric, sorted(metrics))
-    assert seen == set(ledger["trials"])
 
 
 # Longer trials with a dense curve: a point every 2 steps, so an outage hits many of them.
@@ -205,3 +110,7 @@ def test_a_server_killed_mid_sweep_neither_stalls_trials_nor_loses_points(tmp_pa
         assert any(len(v) > 10 for v in local.values()), "no training curve kept locally"
         for key, points in local.items():  # every point, each exactly once
             assert history(server.base, run_id, key) == sorted(points), (trial_dir.name, key)
+        # The artifacts too: those the offline trials' trainers could not upload came with `sync`.
+        listed = rest(server.base, "artifacts/list", query={"run_id": run_id}).get("files", [])
+        kept = {name for name in RUN_ARTIFACT_FILES if (trial_dir / name).is_file()}
+        assert kept and kept <= {f["path"] for f in listed}, (trial_dir.name, listed)

@@ -105,6 +105,7 @@ def test_max_parallel_is_respected(tmp_path, project_root, stand_in):
 def test_mlflow_one_parent_one_child_per_trial_across_reruns(tmp_path, project_root, stand_in, mlflow_db):
     from mlflow.tracking import MlflowClient
 
+    stand_in.behave(five={"curve": 3})  # "five" keeps a training curve in its metrics.jsonl
     path = spec_file(tmp_path, "tracked", ["ok", "five"], tracking=True)
     first = run(path)
     client = MlflowClient(tracking_uri=f"sqlite:///{mlflow_db}")
@@ -140,6 +141,8 @@ def test_mlflow_one_parent_one_child_per_trial_across_reruns(tmp_path, project_r
     reused = client.search_runs([client.get_experiment_by_name("other").experiment_id],
                                 filter_string="tags.synced_from = 'result.json'")
     assert len(reused) == 1 and reused[0].data.metrics["knn_top1"] == pytest.approx(0.4)
+    curve = client.get_metric_history(reused[0].info.run_id, "train/loss")  # the source's curve too
+    assert sorted((m.step, m.value) for m in curve) == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def test_small_sweep_end_to_end_with_parallel_trainers_on_sqlite(tmp_path, proje
 
 
 def test_sigkill_orchestrator_and_trainers_mid_sweep_then_resume(tmp_path, project_root, cli_env):
-    base = {**MICRO_BASE, "schedule": {**MICRO_BASE["schedule"], "steps": 160, "checkpoint_every": 10}}
+    # Long enough that a kill after the first checkpoint (step 10) finds trials mid-training.
+    base = {**MICRO_BASE, "schedule": {**MICRO_BASE["schedule"], "steps": 80, "checkpoint_every": 10}}
     spec = write_spec(tmp_path, "e2e_kill", base=base,
                       axes={"specialization": {"key": "model.specialization", "values": SPECIALIZATIONS}},
                       backend={"max_parallel": 2, "retries": 1})

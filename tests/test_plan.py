@@ -1,19 +1,25 @@
 """Planning (orchestrator/plan.py): what a spec asks for, plain and tuned, read without writing, the
-per-machine time model fitted on finished trials in the store, and GPU-hours from a device profile."""
+per-machine time model fitted on finished trials in the store, GPU-hours from a device profile, and
+the power section: the paired SD's source, the detectable effect and the seeds a target needs."""
 
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import yaml
 from rich.console import Console
+from statsmodels.stats.power import TTestPower
 
 from conftest import MICRO_BASE, REPO, write_spec
 from orchestrator.ledger import Ledger, TrialRecord
 from orchestrator.plan import (
     PRIOR_FIXED_GPU_S,
     PRIOR_STARTUP_S,
+    SD_FROM_EARLIER,
+    SD_FROM_SWEEP,
+    SD_UNKNOWN,
     device_of,
     diff_plan,
     estimate_train_flops,
@@ -21,6 +27,7 @@ from orchestrator.plan import (
     gpus_per_trial,
     measured,
     planned_trials,
+    power_plan,
     sweep_output_dir,
     tuned_trials,
     unique_by_id,
@@ -28,6 +35,7 @@ from orchestrator.plan import (
 from orchestrator.spec.profiles import GPU_PEAK_TFLOPS
 from orchestrator.views import plan_view
 from orchestrator.spec import TrialPlan, expand, load_spec
+from orchestrator.stats.power import detectable_effect_size, seeds_for_effect_size
 from orchestrator.store import ProjectPaths
 from trainer.contract import CONFIG_FILE, RESOLVED_CONFIG_FILE, TrialResult, write_result
 
@@ -128,3 +136,98 @@ def test_gpu_hours_come_from_the_device_the_spec_or_its_cluster_profile_names(tm
                           ProjectPaths.discover(project_root)))
     text = shown.file.getvalue()
     assert "GPU-h" in text and "GPU-hours" in text and f"{8 * model.seconds(flops) / 3600:,.1f}" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# Power: the paired SD's source, the detectable effect, the seeds a target needs
+# ----------------------------------------------------------------------------------------------
+def power_spec(tmp_path, name="power", seeds=(0, 1, 2), **report):
+    return load_spec(write_spec(tmp_path, name, seeds=list(seeds),
+                                report={"metrics": ["seg_miou", "linear_top1_cls"], **report}))
+
+
+def finish(paths: ProjectPaths, trial_id: str, seg_miou: float, top1: float, config: dict | None = None) -> None:
+    if config is not None:
+        paths.trial(trial_id).write_config(config)
+    write_result(paths.trial(trial_id).path, TrialResult(status="done", metrics={"seg_miou": seg_miou,
+                                                                                "linear_top1_cls": top1}))
+
+
+def shown_plan(spec, paths, ledger) -> str:
+    trials = expand(spec, code_version="v1")
+    console = Console(file=io.StringIO(), width=250)
+    console.print(plan_view(spec, trials, diff_plan(trials, [r.trial_id for r in ledger]), ledger, paths))
+    return console.file.getvalue()
+
+
+def test_plan_prints_the_detectable_effect_and_seeds_from_the_spec_s_prior(tmp_path, project_root):
+    spec = power_spec(tmp_path, seeds=[0, 1], target_effects={"seg_miou": 0.01, "linear_top1_cls": 0.02},
+                      paired_sd={"seg_miou": 0.0058})
+    text = shown_plan(spec, ProjectPaths.discover(project_root), Ledger(tmp_path / "ledger.json"))
+    assert "power: paired t test, two-sided 5%, 80% power, 2 seed(s) per cell" in text
+    miou = next(line for line in text.splitlines() if "seg_miou" in line)
+    mde = TTestPower().solve_power(effect_size=None, nobs=2, alpha=0.05, power=0.8, alternative="two-sided")
+    assert "0.58 pts" in miou and "the spec's prior (report.paired_sd)" in miou
+    assert f"{mde * 0.58:.2f} pts" in miou  # 6.70 pts at 2 seeds
+    assert miou.rstrip(" │").endswith("5")  # the issue's number: 1 pt at SD 0.58 pts needs 5 seeds
+    top1 = next(line for line in text.splitlines() if "linear_top1_cls" in line)
+    assert "unknown" in top1 and f"{mde:.2f} × SD" in top1 and "2.00 pts" in top1
+    assert "no paired SD yet for linear_top1_cls" in text and "report.paired_sd" in text
+
+
+def test_the_paired_sd_comes_from_the_sweep_s_finished_trials(tmp_path, project_root):
+    spec = power_spec(tmp_path, target_effects={"seg_miou": 0.01})
+    paths = ProjectPaths.discover(project_root)
+    trials = expand(spec, code_version="v1")
+    # paper - none per seed: mIoU +0.010 / +0.014 / +0.012 -> SD 0.002
+    miou = {("none", 0): 0.30, ("none", 1): 0.32, ("none", 2): 0.31, ("paper", 0): 0.31, ("paper", 1): 0.334,
+            ("paper", 2): 0.322}
+    for trial in trials:
+        slot = (trial.cell["specialization"], trial.seed)
+        finish(paths, trial.trial_id, miou[slot], 0.6 + 0.01 * trial.seed + (0.005 * trial.seed if slot[0] == "paper"
+                                                                              else 0))
+    powers = {p.metric: p for p in power_plan(spec, trials, Ledger(tmp_path / "l.json"), paths,
+                                              ["seg_miou", "linear_top1_cls"])}
+    assert powers["seg_miou"].sd == pytest.approx(0.002)
+    assert powers["seg_miou"].sd_source == f"{SD_FROM_SWEEP}: 1 comparison(s), 2 degree(s) of freedom"
+    assert powers["seg_miou"].seeds_for_target == seeds_for_effect_size(0.01 / 0.002)
+    # top-1 differences 0, +0.005, +0.010: SD 0.005
+    assert powers["linear_top1_cls"].sd == pytest.approx(0.005)
+    text = shown_plan(spec, paths, Ledger(tmp_path / "l.json"))
+    line = next(line for line in text.splitlines() if "seg_miou" in line)
+    assert "0.20 pts" in line and SD_FROM_SWEEP in line
+    assert f"{detectable_effect_size(3) * 0.2:.2f} pts" in line
+
+
+def test_earlier_trials_of_the_sweep_pair_only_within_one_setting(tmp_path, project_root):
+    spec = power_spec(tmp_path, seeds=[0, 1])
+    paths = ProjectPaths.discover(project_root)
+    ledger = Ledger(tmp_path / "ledger.json")
+    plans = {(t.cell["specialization"], t.seed): t for t in expand(spec, code_version="v1")}
+
+    def earlier(name, variant, seed, steps, miou, ended):
+        config = {**plans[variant, seed].config, "schedule": {**plans[variant, seed].config["schedule"], "steps": steps}}
+        finish(paths, name, miou, 0.6, config)
+        ledger.trials[name] = TrialRecord(name, cell={"specialization": variant}, seed=seed, state="done",
+                                          ended_at=ended)
+
+    # Setting A (20 steps): paper - none = +0.010, +0.016 -> SD 0.00424. Setting B (50 steps, newer):
+    # only `paper` ran; pairing it with A's `none` would mix settings, and must not happen.
+    for variant, seed, miou in (("none", 0, 0.30), ("none", 1, 0.32), ("paper", 0, 0.31), ("paper", 1, 0.336)):
+        earlier(f"a-{variant}-{seed}", variant, seed, 20, miou, ended=100.0)
+    for seed, miou in ((0, 0.50), (1, 0.40)):
+        earlier(f"b-paper-{seed}", "paper", seed, 50, miou, ended=200.0)
+    ledger.trials["failed"] = TrialRecord("failed", cell={"specialization": "none"}, seed=0, state="failed")
+    (power,) = power_plan(spec, list(plans.values()), ledger, paths, ["seg_miou"])
+    assert power.sd == pytest.approx(0.006 / math.sqrt(2))
+    assert power.sd_source.startswith(SD_FROM_EARLIER)
+    assert SD_FROM_EARLIER in shown_plan(spec, paths, ledger)
+
+
+def test_without_trials_or_a_prior_the_sd_is_unknown(tmp_path, project_root):
+    spec = power_spec(tmp_path, seeds=[0])
+    (miou, top1) = power_plan(spec, expand(spec, code_version="v1"), Ledger(tmp_path / "l.json"),
+                              ProjectPaths.discover(project_root), ["seg_miou", "linear_top1_cls"])
+    assert miou.sd_source == SD_UNKNOWN and miou.sd is None and miou.detectable is None
+    text = shown_plan(spec, ProjectPaths.discover(project_root), Ledger(tmp_path / "l.json"))
+    assert "none (1 seed)" in text and "set report.target_effects" in text

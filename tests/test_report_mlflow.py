@@ -68,17 +68,27 @@ def seed_metric(results, plans, variant, metric):
             and results[p.trial_id]["status"] == "done"}
 
 
-def markdown_row(text, first_cell):
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] == first_cell:
-            return cells
-    raise AssertionError(f"no row {first_cell!r}")
+MIOU, TOP1 = "Seg. mIoU (%) ↑", "Linear top-1 [CLS] (%) ↑"
 
 
 def header_cells(text):
-    return [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| specialization"))
+    """The main table's header (its rows: one block per quality metric)."""
+    return [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| metric"))
             .strip().strip("|").split("|")]
+
+
+def main_row(text, metric, first_cell):
+    """The main table's row of `metric` for the row labelled `first_cell`, as header -> cell."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[:2] == [metric, first_cell]:
+            return dict(zip(header_cells(text), cells))
+    raise AssertionError(f"no row {metric!r}, {first_cell!r}")
+
+
+def runs_line(text, label):
+    """The run links of one row, listed after the tables: `- none (ref.): [id][…] …`."""
+    return next(line for line in text.splitlines() if line.startswith(f"- {label}: "))
 
 
 def test_report_is_written_where_the_spec_says(tracked):
@@ -101,38 +111,37 @@ def test_rows_come_from_mlflow_with_links_to_their_runs(tracked):
             run_id = tracked["run_ids"][plan.trial_id]
             assert f"[{run_id[:8]}][{run_id}]" in text
             assert f"[{run_id}]: http://mlflow.example:5000/#/experiments/{experiment_id}/runs/{run_id}" in text
-    assert not any("disk:`" in line for line in text.splitlines() if line.startswith("|"))
+    assert not any("disk:`" in line for line in text.splitlines() if line.startswith("- "))
+    assert not any(run_id in line for run_id in tracked["run_ids"].values() for line in text.splitlines()
+                   if line.startswith("|"))  # links after the tables, not inside them
 
 
 def test_numbers_match_hand_computed_statistics(tracked):
     results, plans, text = tracked["results"], tracked["plans"], tracked["text"]
-    header = header_cells(text)
     none = seed_metric(results, plans, "none", "seg_miou")
     paper = seed_metric(results, plans, "paper", "seg_miou")
-    row = dict(zip(header, markdown_row(text, "none (ref.)")))
+    row = main_row(text, MIOU, "none (ref.)")
     mean, std = statistics.mean(none.values()) * 100, statistics.stdev(none.values()) * 100
-    assert row["Seg. mIoU (%) ↑"].replace("**", "") == f"{mean:.2f} ± {std:.2f}"
+    assert row["mean ± std"].replace("**", "") == f"{mean:.2f} ± {std:.2f}"
     # paper: seeds 0 and 1 finished -> paired over 2 seeds with t_{0.975,1} = 12.706
     diffs = [(paper[s] - none[s]) * 100 for s in (0, 1)]
     m = sum(diffs) / 2
     half = 12.706 * math.sqrt(sum((d - m) ** 2 for d in diffs)) / math.sqrt(2)
-    paper_row = dict(zip(header, markdown_row(text, "paper")))
-    low, high = paper_row["Δ Seg. mIoU (pts)"].rstrip(" †").split("[")[1].rstrip("]").split(", ")
-    assert paper_row["Δ Seg. mIoU (pts)"].startswith(f"{m:+.2f} [")
+    paper_row = main_row(text, MIOU, "paper")
+    low, high = paper_row["95% CI"].strip("[]").split(", ")
+    assert paper_row["Δ"] == f"{m:+.2f}"
     assert float(low) == pytest.approx(m - half, abs=0.011) and float(high) == pytest.approx(m + half, abs=0.011)
     # norms: seeds 0, 1 finished too (seed 2 running)
     norms = seed_metric(results, plans, "norms", "linear_top1_cls")
     base = seed_metric(results, plans, "none", "linear_top1_cls")
     d = [(norms[s] - base[s]) * 100 for s in (0, 1)]
-    norms_row = dict(zip(header, markdown_row(text, "norms")))
-    assert norms_row["Δ Linear top-1 [CLS] (pts)"].startswith(f"{sum(d) / 2:+.2f}")
+    assert main_row(text, TOP1, "norms")["Δ"] == f"{sum(d) / 2:+.2f}"
 
 
 def test_failed_and_running_seeds_are_footnoted(tracked):
     text = tracked["text"]
-    header = header_cells(text)
-    assert dict(zip(header, markdown_row(text, "paper")))["n"] == "2/3²"  # ¹ is norms' running seed
-    assert dict(zip(header, markdown_row(text, "norms")))["n"] == "2/3¹"
+    assert main_row(text, MIOU, "paper")["n"] == "2/3²"  # ¹ is norms' running seed
+    assert main_row(text, MIOU, "norms")["n"] == "2/3¹"
     assert "failed: nan (seed 2)" in text
     assert "running (seed 2)" in text
 
@@ -140,7 +149,7 @@ def test_failed_and_running_seeds_are_footnoted(tracked):
 def test_mixed_code_versions_raise_a_warning(tracked):
     text = tracked["text"]
     assert "> [!WARNING]" in text and "`0ldc0de0ld00` (1 trial)" in text
-    assert "⚠`0ldc0de0ld00`" in markdown_row(text, "none (ref.)")[-1]
+    assert "⚠`0ldc0de0ld00`" in runs_line(text, "none (ref.)")
 
 
 def test_csv_and_plots_sit_next_to_the_markdown(tracked):
@@ -178,9 +187,9 @@ def test_without_mlflow_the_report_falls_back_to_result_json(tmp_path):
     assert "7 from `result.json` on disk" in text
     assert "> [!NOTE]" in text and "no MLflow store at" in text
     none = seed_metric(results, plans, "none", "seg_miou")
-    row = dict(zip(header_cells(text), markdown_row(text, "none (ref.)")))
-    assert row["Seg. mIoU (%) ↑"].replace("**", "").startswith(f"{statistics.mean(none.values()) * 100:.2f} ± ")
-    assert row["runs"].count("disk:`") == 3
+    row = main_row(text, MIOU, "none (ref.)")
+    assert row["mean ± std"].replace("**", "").startswith(f"{statistics.mean(none.values()) * 100:.2f} ± ")
+    assert runs_line(text, "none (ref.)").count("disk:`") == 3
     assert "failed: nan (seed 2)" in text and "running (seed 2)" in text
 
 
@@ -200,11 +209,11 @@ def test_after_a_trainer_change_the_same_configs_from_mlflow_are_shown_with_a_wa
     text = output.read_text()
     assert "7 done · 0 failed · 0 running · 2 planned (of 9; 7 done only under an earlier trainer code version)" in text
     assert "> [!WARNING]" in text and "the current trainer code is `c0dec0dec0de`" in text
-    row = markdown_row(text, "none (ref.)")
-    assert row[-1].count("⚠") == 3
+    runs = runs_line(text, "none (ref.)")
+    assert runs.count("⚠") == 3
     run_id = tracked["run_ids"][next(p.trial_id for p in tracked["plans"] if p.cell["specialization"] == "none"
                                      and p.seed == 0)]
-    assert run_id in row[-1]
+    assert run_id in runs
 
 
 def test_a_changed_config_is_never_borrowed(tracked, tmp_path):
@@ -219,4 +228,4 @@ def test_after_a_trainer_change_the_ledger_s_previous_trials_are_used_without_ml
     text = build_report(spec, root=tmp_path, current_code_version="c0dec0dec0de").read_text()
     assert "7 done only under an earlier trainer code version" in text
     old_none_0 = next(p.trial_id for p in plans if p.cell["specialization"] == "none" and p.seed == 0)
-    assert f"disk:`{old_none_0[:8]}` ⚠`unknown`" in markdown_row(text, "none (ref.)")[-1]
+    assert f"disk:`{old_none_0[:8]}` ⚠`unknown`" in runs_line(text, "none (ref.)")

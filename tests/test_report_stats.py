@@ -1,8 +1,10 @@
-"""The report's statistics against values computed by hand (t quantiles from a printed table)."""
+"""The report's statistics against values computed by hand (t quantiles from a printed table, the
+t test's p-value in closed form, Holm step by step) and the verdict rules on planted effects."""
 
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -17,6 +19,7 @@ from orchestrator.report.stats import (
     summarize,
     t_quantile,
 )
+from orchestrator.report.verdicts import INCONCLUSIVE, NO_LARGER_EFFECT, SIGNIFICANT, decide, holm
 
 # Two-sided 95% critical values of Student's t, as printed in any statistics table.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 9: 2.262}
@@ -134,3 +137,58 @@ def test_relative_change():
     assert relative_change(108.23, 100.0) == pytest.approx(0.0823)
     assert relative_change(1.0, 0.0) is None
     assert relative_change(None, 1.0) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The paired t test's p-value, Holm, and the verdict rules
+# ----------------------------------------------------------------------------------------------
+def test_paired_p_value_matches_the_two_dof_closed_form():
+    # differences [2.0, 2.2, 1.8]: t = 2.0 / (0.2 / sqrt(3)) = sqrt(300); with 2 dof the t CDF is
+    # 1/2 + t / (2 sqrt(2 + t^2)), so the two-sided p = 1 - t / sqrt(2 + t^2) = 1 - sqrt(300/302).
+    d = paired_delta({0: 3.0, 1: 3.2, 2: 2.8}, {0: 1.0, 1: 1.0, 2: 1.0})
+    assert d.p_value == pytest.approx(1 - math.sqrt(300 / 302), rel=1e-6)
+    assert d.p_value == pytest.approx(0.003317, abs=1e-6)
+    assert paired_delta({0: 0.70, 1: 0.72}, {0: 0.68, 1: 0.70}).p_value is None  # no spread: no test
+    assert paired_delta({0: 5.0}, {0: 4.0}).p_value is None  # one pair: no test
+
+
+def test_holm_against_hand_values():
+    # sorted p: 0.005 * 4 = 0.02; 0.01 * 3 = 0.03; 0.03 * 2 = 0.06; 0.04 * 1 = 0.04 -> max with the
+    # previous (step-down keeps adjusted p monotone) = 0.06. Back in input order:
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.02, 0.9]) == pytest.approx([0.04, 0.9])  # 0.02 * 2; 0.9 * 1
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # 0.5 * 2 = 1.0; 0.9 * 1 lifted to 1.0 (monotone)
+    assert holm([]) == []
+
+
+def planted(mean: float, sd: float, seeds: int, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    return [mean + rng.gauss(0.0, sd) for _ in range(seeds)]
+
+
+def test_verdicts_on_planted_effects():
+    # One family of four comparisons, as a report would hold them (logged units: mIoU fractions):
+    effect = mean_with_ci(planted(0.02, 0.002, 5, seed=1))  # +2 pts, tight: must be found
+    null = mean_with_ci(planted(0.0, 0.001, 5, seed=2))  # nothing, measured precisely
+    noisy_null = mean_with_ci(planted(0.0, 0.02, 3, seed=3))  # nothing, measured badly
+    same = mean_with_ci([0.01, 0.01])  # identical differences: no interval
+    family = [effect, null, noisy_null]
+    adjusted = holm([d.p_value for d in family])
+    target = 0.01  # 1 pt
+    verdicts = [decide(d, p, target, family_size=3) for d, p in zip(family, adjusted)]
+    assert [v.kind for v in verdicts] == [SIGNIFICANT, NO_LARGER_EFFECT, INCONCLUSIVE]
+    # why: the planted null's interval sits inside ±1 pt, the noisy one's does not
+    assert -target <= null.low and null.high <= target
+    assert noisy_null.low < -target or noisy_null.high > target
+    assert verdicts[1].bound == target and verdicts[0].p_holm == adjusted[0]
+    # without a target a precise null is only "inconclusive": absence of evidence, nothing more
+    assert decide(null, adjusted[1], None).kind == INCONCLUSIVE
+    # no interval, no test: inconclusive whatever its size
+    assert decide(same, None, target).kind == INCONCLUSIVE and not decide(same, None, target).has_test
+
+
+def test_significance_is_judged_on_the_holm_adjusted_p_not_the_raw_one():
+    # raw p 0.03 is below 0.05, but as one of four tests Holm lifts it above (see the hand values)
+    delta = mean_with_ci(planted(0.02, 0.002, 5, seed=1))
+    assert decide(delta, 0.06, None).kind == INCONCLUSIVE
+    assert decide(delta, 0.049, None).kind == SIGNIFICANT

@@ -10,7 +10,7 @@ On the cluster:
 - a job requeued mid-training (`scontrol requeue`) resumes from its checkpoint in the same job and
   ends with one MLflow run and exactly the metrics of an uninterrupted run;
 - `orchestrator cancel`: scancel, the trainer gets SIGTERM, the ledger says cancelled, nothing is left;
-- failures: a missing pretrained checkpoint is an error (not retried); a job killed by
+- failures: an unusable pretrained checkpoint is an error (not retried); a job killed by
   `scancel --signal=KILL` is transient (retried, resumes); a job over its memory is oom (transient).
 """
 
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import MICRO_BASE, PYTHON, REPO, make_trial, read_ledger, wait_for, write_spec
@@ -513,10 +514,13 @@ def test_cancel_scancels_the_jobs_and_records_them_cancelled(tmp_path, project_r
 @pytest.mark.slow
 def test_errors_are_not_retried_but_killed_jobs_are(tmp_path, project_root, cli_env, cluster):
     profile = profile_file(tmp_path)
+    # A file the up-front check finds (it exists) but the trainer cannot use: an error at run time.
+    broken = tmp_path / "vit_micro.pth"
+    torch.save([1, 2, 3], broken)
     spec = write_spec(tmp_path, "slurm_failures", base=micro(steps=100, checkpoint_every=10, log_every=10),
                       tracking={"enabled": False},
                       axes={"weights": {"key": "model.pretrained",
-                                        "values": {"missing": "/nonexistent/vit_micro.pth", "scratch": None}}},
+                                        "values": {"broken": str(broken), "scratch": None}}},
                       backend={"kind": "slurm", "max_parallel": 2, "retries": 2, "options": {"profile": str(profile)}})
     proc = subprocess.Popen([PYTHON, "-m", "orchestrator", "run", str(spec), "--no-report", "--no-progress"],
                             cwd=REPO, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -538,9 +542,9 @@ def test_errors_are_not_retried_but_killed_jobs_are(tmp_path, project_root, cli_
             proc.kill()
     assert proc.returncode == 1, out  # one trial failed for good
     trials = {t["cell"]["weights"]: t for t in read_ledger(project_root, "slurm_failures")["trials"].values()}
-    missing, scratch = trials["missing"], trials["scratch"]
-    assert (missing["state"], missing["failure_class"], missing["attempts"]) == ("failed", "error", 1), missing
-    assert "vit_micro.pth" in (missing["error"] or ""), missing["error"]
+    broken, scratch = trials["broken"], trials["scratch"]
+    assert (broken["state"], broken["failure_class"], broken["attempts"]) == ("failed", "error", 1), broken
+    assert "vit_micro.pth" in (broken["error"] or ""), broken["error"]
     assert scratch["state"] == "done" and scratch["attempts"] == 2, scratch
     assert scratch["history"][0]["failure_class"] == "killed", scratch["history"]
     assert scratch["history"][0]["job_id"] != scratch["history"][1]["job_id"]

@@ -366,13 +366,20 @@ def test_shipped_sweeps_load_and_expand(path):
         assert spec.backend.kind == "local" and spec.backend.max_parallel == 2
 
 
-def test_default_sweep_compares_the_component_sets():
+def test_default_sweep_trades_arms_for_seeds_and_the_broad_comparison_has_its_own_spec():
     spec = load_spec(REPO / "sweeps" / "component_ablation.yaml")
-    assert spec.axis("specialization").value_names == [
+    assert spec.axis("specialization").value_names == ["none", "norms", "qkv", "paper", "all"]
+    assert spec.baseline == {"specialization": "none"} and spec.report.compare == ["specialization"]
+    assert spec.seeds == [0, 1, 2, 3, 4] and len(expand(spec, VERSION)) == 25
+    assert spec.base["evaluation"]["max_val_samples"] == spec.base["data"]["scenes"]["val_size"] == 1024
+    assert set(spec.report.target_effects) == set(spec.report.paired_sd) == set(spec.report.metrics)
+
+    broad = load_spec(REPO / "sweeps" / "component_sets.yaml")
+    assert broad.axis("specialization").value_names == [
         "none", "norms", "qkv", "norms_qkv", "paper", "norms_qkv_all", "paper_proj", "paper_mlp", "all",
     ]
-    assert spec.baseline == {"specialization": "none"} and spec.report.compare == ["specialization"]
-    assert spec.seeds == [0, 1] and len(expand(spec, VERSION)) == 18
+    assert broad.seeds == [0, 1] and len(expand(broad, VERSION)) == 18
+    assert broad.report.output == Path("reports/component_sets.md") and broad.output_dir != spec.output_dir
 
 
 # ------------------------------------------------------------------------------------------------

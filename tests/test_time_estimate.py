@@ -4,10 +4,12 @@ trainer through the CLI, the estimate fitted on some, checked against the measur
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from rich.console import Console
 
 from conftest import PYTHON, REPO
@@ -21,50 +23,60 @@ from orchestrator.views import duration, plan_view
 pytestmark = pytest.mark.slow
 
 DEFAULT_SWEEP = REPO / "sweeps" / "component_ablation.yaml"
-# The default sweep, one seed, one trial at a time (per-trial times on a shared 2-core machine),
-# without MLflow; fewer steps than its 160 so the test takes minutes, not a quarter of an hour.
-COMMON = ["seeds=[0]", "tracking.enabled=false", "backend.max_parallel=1"]
+STEPS = {"s20": 20, "s40": 40, "s60": 60}
 
 
-def overrides(steps: int, values: str) -> list[str]:
-    return [*COMMON, f"base.schedule.steps={steps}", f"axes.specialization.values={values}"]
+def default_sweep_by_steps(folder: Path, specializations: dict[str, str]) -> Path:
+    """The default sweep's trials (its base as written) at three training lengths, one seed, one
+    trial at a time (per-trial times on a shared 2-core machine), without MLflow."""
+    spec = yaml.safe_load(DEFAULT_SWEEP.read_text())
+    spec["axes"] = {"specialization": {"key": "model.specialization", "values": specializations},
+                    "steps": {"key": "schedule.steps", "values": STEPS}}
+    spec.update(seeds=[0], tracking={"enabled": False})
+    spec["backend"]["max_parallel"] = 1
+    path = folder / DEFAULT_SWEEP.name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
 
 
-def run_sweep_cli(items: list[str], env: dict[str, str]) -> None:
-    sets = [arg for item in items for arg in ("--set", item)]
-    done = subprocess.run([PYTHON, "-m", "orchestrator", "run", str(DEFAULT_SWEEP), "--no-progress", "--no-report",
-                           *sets], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+def test_plan_estimates_the_default_sweep_within_25_percent_of_measured(tmp_path, project_root, cli_env):
+    # The three lengths run back to back in one sweep (the same machine load for all three).
+    spec_path = default_sweep_by_steps(tmp_path, {"none": "none"})
+    done = subprocess.run([PYTHON, "-m", "orchestrator", "run", str(spec_path), "--no-progress", "--no-report"],
+                          cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-
-def test_plan_estimates_the_default_sweep_within_25_percent_of_measured(project_root, cli_env):
-    # Fit on two sizes of the vanilla trial, then predict both trials at a third size.
-    run_sweep_cli(overrides(20, "{none: none}"), cli_env)
-    run_sweep_cli(overrides(60, "{none: none}"), cli_env)
     paths = ProjectPaths.discover(project_root)
-    rest = overrides(40, "{none: none, paper: paper}")
-    spec = load_spec(DEFAULT_SWEEP, rest)
+    spec = load_spec(spec_path)
     ledger = Ledger.for_sweep(paths.resolve(spec.output_dir))
-    model = fit_time_model(paths, ledger)
+    trials = {t.cell["steps"]: t for t in planned_trials(spec, paths, code_version())}
+
+    # Fit on the shortest and longest trial alone (a store holding only those two), predict the middle one.
+    fit_store = ProjectPaths.discover(tmp_path / "fit_store")
+    fit_store.trials_dir.mkdir(parents=True)
+    for name in ("s20", "s60"):
+        shutil.copytree(paths.trial_dir(trials[name].trial_id), fit_store.trial_dir(trials[name].trial_id))
+    model = fit_time_model(fit_store, ledger)
     assert model is not None and model.basis == "fitted on 2 finished trial(s)"
     assert model.fixed_s > 5  # start-up and evaluation: what a FLOP-only rate missed
-    trials = planned_trials(spec, paths, code_version())
-    estimates = {t.trial_id: model.seconds(estimate_train_flops(t.config)) for t in trials}
-    shown = _plan_text(spec, trials, paths)
-    for trial_id, estimate in estimates.items():
-        assert duration(estimate) in shown.split(trial_id)[1].splitlines()[0]
+    middle = trials["s40"]
+    estimate = model.seconds(estimate_train_flops(middle.config))
+    took = measured(paths.trial(middle.trial_id), ledger.get(middle.trial_id))
+    assert took is not None and took.from_ledger
+    print(f"estimate {estimate:.1f} s, measured {took.seconds:.1f} s ({model.describe()})")
+    assert abs(estimate - took.seconds) <= 0.25 * took.seconds
 
-    run_sweep_cli(rest, cli_env)
-    ledger = Ledger.for_sweep(paths.resolve(spec.output_dir))
-    shown = _plan_text(spec, trials, paths)
-    for trial_id, estimate in estimates.items():
-        took = measured(paths.trial(trial_id), ledger.get(trial_id))
-        assert took is not None and took.from_ledger
-        print(f"{trial_id}: estimate {estimate:.1f} s, measured {took.seconds:.1f} s ({model.describe()})")
-        assert abs(estimate - took.seconds) <= 0.25 * took.seconds
-        # A finished trial shows its measured time, not an estimate.
-        cells = [c.strip() for c in shown.split(trial_id)[1].splitlines()[0].split("│")]
-        assert "done" in cells[2] and cells[4] == "" and cells[5] == duration(took.seconds)
+    # `plan` shows the measured time of a finished trial, and the fitted estimate of one not run yet.
+    both = load_spec(default_sweep_by_steps(tmp_path, {"none": "none", "paper": "paper"}))
+    planned = planned_trials(both, paths, code_version())
+    shown = _plan_text(both, planned, paths)
+    fitted = fit_time_model(paths, ledger)
+    for trial in planned:
+        cells = [c.strip() for c in shown.split(trial.trial_id)[1].splitlines()[0].split("│")]
+        if trial.cell["specialization"] == "none":
+            took = measured(paths.trial(trial.trial_id), ledger.get(trial.trial_id))
+            assert "done" in cells[2] and cells[4] == "" and cells[5] == duration(took.seconds)
+        else:
+            assert cells[4] == duration(fitted.seconds(estimate_train_flops(trial.config))) and cells[5] == ""
 
 
 def _plan_text(spec, trials, paths: ProjectPaths) -> str:

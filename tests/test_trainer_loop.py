@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from trainer.cli import main as trainer_main
 from trainer.config import TrialConfig, parse_config
 from trainer.contract import CHECKPOINT_FILE, RESULT_FILE
 from trainer.loop import Trial, classify_failure
@@ -52,9 +56,18 @@ def run_trainer(config: Path, out: Path, *extra: str, env: dict | None = None, *
                           cwd=ROOT, capture_output=True, text=True, env=env, **kwargs)
 
 
+def run_main(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`python -m trainer` in this process (its refusals come before any training, and a new
+    interpreter costs seconds of imports): exit code, stdout and stderr as a subprocess gives them."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = trainer_main(["--config", str(config), "--out", str(out), *extra])
+    return subprocess.CompletedProcess([], code, stdout.getvalue(), stderr.getvalue())
+
+
 def test_bad_config_fails_before_any_work(tmp_path):
     config = write_config(tmp_path, {"model": {"scael": "micro", "specialization": "paper,qvk"}, "framework": "ssl"})
-    proc = run_trainer(config, tmp_path / "out")
+    proc = run_trainer(config, tmp_path / "out")  # the real process: its exit code is the contract
     assert proc.returncode == 2
     assert "model.scael: unknown key; allowed here:" in proc.stderr
     assert "unknown component or preset 'qvk'" in proc.stderr
@@ -237,7 +250,7 @@ def test_a_folder_refuses_a_different_trial(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.resolved.yaml").write_text(yaml.safe_dump(TrialConfig.model_validate(data).to_dict()))
-    proc = run_trainer(write_config(tmp_path, data), out, "--set", "model.specialization=paper")
+    proc = run_main(write_config(tmp_path, data), out, "--set", "model.specialization=paper")
     assert proc.returncode == 2 and "holds a different trial" in proc.stderr
 
 
@@ -249,13 +262,13 @@ def test_a_folder_holding_a_different_finished_trial_is_refused_not_returned(tmp
     out.mkdir()
     (out / "config.resolved.yaml").write_text(yaml.safe_dump(TrialConfig.model_validate(data).to_dict()))
     (out / RESULT_FILE).write_text(json.dumps({"status": "done", "metrics": {"seg_miou": 0.5}}))
-    proc = run_trainer(write_config(tmp_path, data), out, "--set", "model.specialization=paper")
+    proc = run_main(write_config(tmp_path, data), out, "--set", "model.specialization=paper")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "holds a different trial (differs in: model)" in lines[0] and str(out) in lines[0]
     assert "nothing to do" not in proc.stdout
     # The same trial, finished, is still answered from the folder without training.
-    same = run_trainer(write_config(tmp_path, data), out)
+    same = run_main(write_config(tmp_path, data), out)
     assert same.returncode == 0 and "finished already" in same.stdout
 
 
@@ -266,11 +279,35 @@ def test_an_out_path_that_cannot_be_a_folder_is_one_line_and_exit_2(tmp_path, wh
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
     out = blocker if where == "a_file" else blocker / "out"
-    proc = run_trainer(write_config(tmp_path, data), out)
+    proc = run_main(write_config(tmp_path, data), out)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: --out {out}: ")
     assert blocker.read_text() == "a file, not a folder"
+
+
+# Permissions do not bind root (CI runs as root): drop the capabilities that bypass them.
+NO_DAC_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                   "--inh-caps=-dac_override,-dac_read_search"]
+
+
+def test_a_read_only_out_folder_is_one_line_and_exit_2(tmp_path):
+    data = tiny_config(tmp_path)
+    data["tracking"]["enabled"] = False
+    out = tmp_path / "read_only"
+    out.mkdir()
+    out.chmod(0o555)
+    command = [sys.executable, "-m", "trainer", "--config", str(write_config(tmp_path, data)), "--out", str(out)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without util-linux's setpriv: a read-only folder cannot be made binding")
+        command = NO_DAC_OVERRIDE + command
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: --out {out}: cannot write there (Permission denied)"), lines[0]
+    assert list(out.iterdir()) == []
+
 
 @pytest.mark.slow
 def test_two_process_gloo_matches_single_process(tmp_path):

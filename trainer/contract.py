@@ -38,6 +38,9 @@ METRICS_FILE = "metrics.jsonl"  # the local copy of every MLflow point, curves i
 RESULT_FILE = "result.json"
 RUN_ID_FILE = "mlflow_run_id"
 TOKEN_PLOT_FILE = "token_interaction.png"
+# The files a finished trial's MLflow run holds as artifacts (the trainer logs them; `sync` adds any
+# the run lacks: logged while the server was down, or a trial reused from another sweep).
+RUN_ARTIFACT_FILES = (RESOLVED_CONFIG_FILE, RESULT_FILE, TOKEN_PLOT_FILE)
 
 # -- config keys that do not define a trial ------------------------------------------------------
 # Where a trial logs (tracking) and what it is called (name) change no number it computes: two

@@ -25,7 +25,7 @@ from trainer.checkpoint import TrainState, apply_checkpoint, read_checkpoint, sa
 from trainer.config import TrialConfig
 from trainer.data import build_eval_datasets, build_train_dataset, collate_multicrop, num_classes, resolve_img_size
 from trainer.contract import (
-    ERROR, NAN, OOM, PROGRESS_FILE, RESOLVED_CONFIG_FILE, RESULT_FILE, TOKEN_PLOT_FILE,
+    ERROR, NAN, OOM, PROGRESS_FILE, RESOLVED_CONFIG_FILE, RUN_ARTIFACT_FILES,
     VALIDATION_PREFIX, TrialResult, append_jsonl, read_result, write_result, write_text_atomic,
 )
 from trainer.evaluation import evaluate
@@ -322,7 +322,7 @@ class Trial:
                 "wall_time_s": state.wall_time_s, "peak_memory_mb": result.peak_memory_mb}
             tracker.log_metrics(metrics | summary, step=state.step)
             write_result(self.out_dir, result)
-            for artifact in (RESOLVED_CONFIG_FILE, RESULT_FILE, TOKEN_PLOT_FILE):
+            for artifact in RUN_ARTIFACT_FILES:
                 tracker.log_artifact(self.out_dir / artifact)
             self.log("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/block" not in k))
         runtime.barrier()

@@ -1,5 +1,6 @@
 """The whole Markdown document: header with sources and warnings, "at a glance", the search
-overview of a tuned sweep, the legend, and each comparison table with its notes, links and figures."""
+overview of a tuned sweep, the legend, and each comparison: its main, cost and token tables, their
+notes, the run links after them, and figures."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from orchestrator.report.format import DEFAULT_UI_BASE, NO_CI, NOT_SIGNIFICANT, escape_cell, experiment_url, fmt, plural
+from orchestrator.report.format import DEFAULT_UI_BASE, NO_CI, escape_cell, experiment_url, fmt, plural
 from orchestrator.report.glance import at_a_glance
-from orchestrator.report.markdown_table import table_markdown
+from orchestrator.report.markdown_table import INDICATIVE_NOTE, THROUGHPUT, table_markdown, unlogged
+from orchestrator.report.metrics import COST, DESCRIPTIVE
 from orchestrator.report.outcome import Collection
 from orchestrator.report.tables import ComparisonTable
 from orchestrator.spec.search import format_value
@@ -93,17 +95,22 @@ def _header_lines(header: ReportHeader, collection: Collection) -> list[str]:
 
 
 LEGEND = (
-    "**How to read the tables.** Values are mean ± standard deviation over the finished seeds; `n` is "
-    "finished/planned seeds. Δ is the paired difference to the row marked *(ref.)* (the baseline value of the first "
-    "compared axis, the other axes equal), computed seed by seed and averaged, with a {conf}% t confidence interval "
-    "(n−1 degrees of freedom). " + NOT_SIGNIFICANT + " the interval includes 0 (not significant); " + NO_CI +
-    " no interval: a single seed pair, or per-seed differences that are all identical (no spread to estimate noise from). **Bold** is the best mean of a column (within each group of a crossing); "
-    "↑ higher is better, ↓ lower is better; `pts` are percentage points. Cost columns show the change relative to "
-    "the reference row in parentheses. *cos CLS-patch* is the cosine similarity between the [CLS] token and the "
-    "patch tokens after the pre-attention norm (norm1), averaged over the first (early) or last (late) third of the "
-    "blocks: the token-type separation the paper observes. — and n/a always carry a footnote saying why. Runs link "
-    "to MLflow; `disk:` marks numbers read from a trial's result.json. The CSV files hold the same tables in logged "
-    "units (fractions, not %)."
+    "**How to read the tables.** Each comparison has a main table, a cost table and a token table, then its "
+    "runs. In the main table every quality metric has a block of rows: the mean ± standard deviation over the "
+    "finished seeds (`n` is finished/planned seeds), then Δ, the paired difference to the row marked *(ref.)* (the "
+    "baseline value of the first compared axis, the other axes equal) computed seed by seed and averaged, its "
+    "{conf}% t confidence interval (n−1 degrees of freedom, uncorrected), the Holm-adjusted p-value of the paired "
+    "t test and the verdict: **significant** (Holm p < 0.05), *no effect larger than ±X* (the interval lies inside "
+    "±X, X the spec's `report.target_effects` for the metric) or *inconclusive*. " + NO_CI + " no interval: a "
+    "single seed pair, or per-seed differences that are all identical (no spread to estimate noise from). Rows "
+    "marked *(control)* are floors (e.g. an untrained network), shown with values and never compared. **Bold** "
+    "is the best mean of a metric (within each group of a crossing); ↑ higher is better, ↓ lower is better; Δ of "
+    "a % metric is in percentage points (`pts`). The cost table shows the change relative to the reference row "
+    "in parentheses. The token table shows the cosine similarity between the [CLS] token and the patch tokens "
+    "before and after the pre-attention norm (norm1), averaged over the first (early) or last (late) third of the "
+    "blocks: the paper sees it clearly positive before norm1 and about 0 after. — and n/a always carry a footnote "
+    "saying why. Runs link to MLflow; `disk:` marks numbers read from a trial's result.json. The CSV files hold "
+    "the same tables in logged units (fractions, not %), with the uncorrected p-values."
 )
 
 
@@ -149,6 +156,29 @@ def search_markdown(overview: SearchOverview) -> list[str]:
     return lines + [""]
 
 
+def comparison_markdown(table: ComparisonTable, header: ReportHeader) -> list[str]:
+    """The main table, the cost and token tables, their footnotes, then the runs and their links."""
+    text = table_markdown(table, header.ui_base, header.experiment_id, header.current_code_version)
+    missing = [m.name for kind in (COST, DESCRIPTIVE) for m in unlogged(table, kind)]
+    lines = text.main + [""]
+    if text.costs:
+        lines += ["**Cost**", "", *text.costs, ""]
+        if any(m.name == THROUGHPUT for m in table.metrics) and THROUGHPUT not in missing:
+            lines += [INDICATIVE_NOTE, ""]
+    if text.tokens:
+        lines += ["**Token interaction** ([CLS]-patch cosine, mean over the early / late third of the blocks)", "",
+                  *text.tokens, ""]
+    if missing and any(row.done for row in table.rows):
+        lines += ["Not logged by any finished trial of this comparison: "
+                  + ", ".join(f"`{name}`" for name in missing) + ".", ""]
+    if text.notes.texts:
+        lines += text.notes.render() + [""]
+    lines += ["**Runs**", "", *text.runs, ""]
+    if text.links:
+        lines += [f"[{run_id}]: {url}" for run_id, url in text.links.items()] + [""]
+    return lines
+
+
 def report_markdown(header: ReportHeader, collection: Collection, tables: Sequence[ComparisonTable],
                     assets: Mapping[str, TableAssets], search: SearchOverview | None = None) -> str:
     lines = _header_lines(header, collection)
@@ -165,13 +195,7 @@ def report_markdown(header: ReportHeader, collection: Collection, tables: Sequen
         if not table.rows:
             lines += ["_No cell of the sweep matches this comparison._", ""]
         else:
-            body, notes, links = table_markdown(table, header.ui_base, header.experiment_id,
-                                                header.current_code_version)
-            lines += body + [""]
-            if notes.texts:
-                lines += notes.render() + [""]
-            if links:
-                lines += [f"[{run_id}]: {url}" for run_id, url in links.items()] + [""]
+            lines += comparison_markdown(table, header)
         if table.absent:
             absent = "; ".join(", ".join(f"{a}={c[a]}" for a in table.axes) for c in table.absent)
             lines += [f"Not in this sweep (no trials planned): {escape_cell(absent)}.", ""]

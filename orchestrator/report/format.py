@@ -3,8 +3,9 @@ footnotes, MLflow UI links, and the one-line reason a trial has no numbers.
 
 Conventions a reader can rely on (also written into the report's legend):
 - a value is `mean ± std` over the finished seeds; the `n` column says finished/planned seeds;
-- Δ is paired per seed against the row's reference; `[low, high]` is its t CI; `†` marks a CI that
-  includes 0, `°` a single seed pair (no CI at all);
+- Δ is paired per seed against the row's reference; `[low, high]` is its uncorrected t CI; the
+  verdict rests on the Holm-adjusted p-value; `°` marks a delta without a CI (one seed pair, or
+  identical per-seed differences);
 - a cell never goes blank: `—ⁿ` / `n/aⁿ` carry a numbered footnote that says why.
 """
 
@@ -17,7 +18,6 @@ from dataclasses import dataclass, field
 from orchestrator.report.outcome import TrialOutcome
 from orchestrator.report.tables import Row
 
-NOT_SIGNIFICANT = "†"
 NO_CI = "°"
 MISSING = "—"
 NOT_LOGGED = "n/a"
@@ -33,6 +33,13 @@ def fmt(value: float | None, decimals: int, signed: bool = False) -> str:
     if text.lstrip("+-").strip("0.") == "":  # "-0.00" reads as a sign where there is none
         text = f"{0:+.{decimals}f}" if signed else f"{0:.{decimals}f}"
     return text
+
+
+def fmt_p(p: float | None) -> str:
+    """A p-value as a reader compares it with 0.05: three decimals, `<0.001` below that."""
+    if p is None or not math.isfinite(p):
+        return MISSING
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def escape_cell(text: str) -> str:

@@ -1,102 +1,140 @@
-"""The "at a glance" paragraph a researcher reads first: per quality metric, the largest
-significant gain and whether any drop is significant, with an honest word on multiplicity."""
+"""The "at a glance" paragraph a researcher reads first: how many comparisons came out significant,
+"no effect larger than the target" or inconclusive, and per quality metric the largest significant
+gain or drop and the smallest effect the design could have detected."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from orchestrator.report.format import fmt, plural
+from orchestrator.report.format import fmt, fmt_p, plural
 from orchestrator.report.metrics import QUALITY, MetricSpec
 from orchestrator.report.outcome import Collection
 from orchestrator.report.stats import DeltaEstimate, is_improvement
-from orchestrator.report.tables import ComparisonTable
+from orchestrator.report.tables import Comparison, ComparisonTable, comparisons
+from orchestrator.report.verdicts import INCONCLUSIVE, NO_LARGER_EFFECT, SIGNIFICANT
+from orchestrator.stats.power import ALPHA, POWER, MetricPower, pooled_paired_sd
 
 
-@dataclass(frozen=True)
-class _Finding:
-    label: str
-    delta: DeltaEstimate
-
-
-def _findings(tables: Sequence[ComparisonTable], metric: MetricSpec) -> list[_Finding]:
-    """Every non-reference row's delta for `metric`, each (row cell, reference cell) pair once."""
-    seen, out = set(), []
-    for table in tables:
-        for row in table.rows:
-            cell = row.cells.get(metric.name)
-            if row.is_reference or row.reference is None or cell is None or cell.delta is None or cell.delta.n == 0:
-                continue
-            pair = (tuple(sorted(row.cell.items())), tuple(sorted(table.rows[row.reference].cell.items())))
-            if pair in seen:
-                continue
-            seen.add(pair)
-            out.append(_Finding(f"`{row.label(table.axes)}`", cell.delta))
-    return out
-
-
-def _delta_phrase(metric: MetricSpec, delta: DeltaEstimate) -> str:
+def _amount(metric: MetricSpec, value: float, signed: bool = True) -> str:
     unit = metric.difference_unit
-    unit = f" {unit}" if unit else ""
-    value = fmt(delta.mean * metric.scale, metric.decimals, signed=True) + unit
+    return fmt(value * metric.scale, metric.decimals, signed=signed) + (f" {unit}" if unit else "")
+
+
+def _delta_phrase(metric: MetricSpec, comparison: Comparison) -> str:
+    delta: DeltaEstimate = comparison.cell.delta
+    text = _amount(metric, delta.mean)
     if delta.has_ci:
-        ci = (f"{fmt(delta.low * metric.scale, metric.decimals, signed=True)}, "
-              f"{fmt(delta.high * metric.scale, metric.decimals, signed=True)}")
-        return f"{value}, {round(delta.confidence * 100)}% CI [{ci}], n={delta.n}"
-    return f"{value}, n=1, no CI"
+        ci = f"{fmt(delta.low * metric.scale, metric.decimals, signed=True)}, " \
+             f"{fmt(delta.high * metric.scale, metric.decimals, signed=True)}"
+        text += f", {round(delta.confidence * 100)}% CI [{ci}], n={delta.n}"
+    verdict = comparison.cell.verdict
+    if verdict is not None and verdict.has_test:
+        text += f", Holm p {fmt_p(verdict.p_holm)}"
+    return text
 
 
-def _metric_sentence(metric: MetricSpec, findings: list[_Finding]) -> str:
-    """`Seg. mIoU: largest significant gain X (+2.45 pts, CI, n); 3 more significant gains; no significant drop.`"""
+def planned_seeds(tables: Sequence[ComparisonTable]) -> int:
+    """The design's seeds per cell: the most planned outcomes of any compared row."""
+    return max((len(row.outcomes) for table in tables for row in table.rows if not row.is_control), default=0)
+
+
+def metric_power(tables: Sequence[ComparisonTable], metric: MetricSpec, found: list[Comparison]) -> MetricPower:
+    """The metric's power at the design's seeds, with the paired SD pooled over its comparisons
+    (else the spec's prior)."""
+    seeds = planned_seeds(tables)
+    target = tables[0].target_effects.get(metric.name)
+    pooled = pooled_paired_sd(list(c.cell.differences.values()) for c in found)
+    if pooled is not None:
+        where = f"observed over {plural(pooled.pairs, 'comparison')}"
+        return MetricPower(metric.name, seeds, pooled.sd, where, target)
+    prior = tables[0].paired_sd.get(metric.name)
+    if prior is not None:
+        return MetricPower(metric.name, seeds, prior, "the spec's prior (report.paired_sd)", target)
+    return MetricPower(metric.name, seeds, None, "unknown", target)
+
+
+def _power_phrase(metric: MetricSpec, power: MetricPower) -> str:
+    detectable = power.detectable
+    if detectable is None:
+        if power.seeds < 2:
+            return "one seed per cell detects nothing (a paired test needs 2)"
+        return (f"the detectable effect is unknown (about {power.detectable_effect_size:.2f} paired SDs at "
+                f"{power.seeds} seeds; no comparison has 2 paired seeds and no report.paired_sd prior)")
+    text = (f"the design detects ±{_amount(metric, detectable, signed=False)} ({POWER:.0%} power at "
+            f"{power.seeds} seeds, paired SD {_amount(metric, power.sd, signed=False)}, {power.sd_source})")
+    if power.target is not None:
+        needed = power.seeds_for_target
+        text += (f"; the target ±{_amount(metric, power.target, signed=False)} needs "
+                 + (f"{needed} seeds" if needed is not None else "more seeds than is sensible"))
+    return text
+
+
+def _metric_sentence(metric: MetricSpec, found: list[Comparison], power: MetricPower) -> str:
+    """`**Seg. mIoU**: largest significant gain X (...); 2 no effect larger than ±1.00 pts, 3 inconclusive; power.`"""
     sign = 1 if metric.higher_is_better else -1
-    gains = [f for f in findings if f.delta.significant and is_improvement(f.delta.mean, metric.higher_is_better)]
-    drops = [f for f in findings if f.delta.significant and not is_improvement(f.delta.mean, metric.higher_is_better)]
-    if gains:
-        top = max(gains, key=lambda f: sign * f.delta.mean)
-        text = f"**{metric.label}**: largest significant gain {top.label} ({_delta_phrase(metric, top.delta)})"
-        if len(gains) > 1:
-            text += f", {len(gains) - 1} more significant gain{'s' if len(gains) > 2 else ''}"
+    significant = [c for c in found if c.cell.verdict and c.cell.verdict.kind == SIGNIFICANT]
+    if metric.higher_is_better is None:
+        gains, drops = significant, []
     else:
-        top = max(findings, key=lambda f: sign * f.delta.mean)
-        verdict = "not significant" if top.delta.has_ci else "single seed"
-        text = (f"**{metric.label}**: no significant gain (best point estimate {top.label}, "
-                f"{_delta_phrase(metric, top.delta)}, {verdict})")
+        gains = [c for c in significant if is_improvement(c.cell.delta.mean, metric.higher_is_better)]
+        drops = [c for c in significant if c not in gains]
+    parts = []
+    if gains:
+        top = max(gains, key=lambda c: sign * c.cell.delta.mean)
+        word = "significant difference" if metric.higher_is_better is None else "significant gain"
+        text = f"largest {word} {top.label} ({_delta_phrase(metric, top)})"
+        if len(gains) > 1:
+            text += f", {len(gains) - 1} more"
+        parts.append(text)
     if drops:
-        worst = min(drops, key=lambda f: sign * f.delta.mean)
-        text += (f"; {plural(len(drops), 'significant drop')}, the largest {worst.label} "
-                 f"({_delta_phrase(metric, worst.delta)})")
-    elif any(f.delta.has_ci for f in findings):
-        text += "; no significant drop"
-    return text + "."
+        worst = min(drops, key=lambda c: sign * c.cell.delta.mean)
+        parts.append(f"{plural(len(drops), 'significant drop')}, the largest {worst.label} "
+                     f"({_delta_phrase(metric, worst)})")
+    elif gains and metric.higher_is_better is not None:
+        parts.append("no significant drop")
+    if not significant:
+        parts.append("nothing significant")
+    others = []
+    equivalent = sum(1 for c in found if c.cell.verdict and c.cell.verdict.kind == NO_LARGER_EFFECT)
+    if equivalent:
+        others.append(f"{equivalent} no effect larger than ±{_amount(metric, power.target, signed=False)}")
+    inconclusive = sum(1 for c in found if c.cell.verdict is None or c.cell.verdict.kind == INCONCLUSIVE)
+    if inconclusive:
+        others.append(f"{inconclusive} inconclusive")
+    text = f"**{metric.label}**: " + "; ".join(parts)
+    if others:
+        text += "; " + ", ".join(others)
+    return f"{text}; {_power_phrase(metric, power)}."
 
 
 def at_a_glance(tables: Sequence[ComparisonTable], collection: Collection) -> str:
-    """One paragraph from the numbers: per quality metric, the largest significant gain and whether
-    any drop is significant (over every distinct variant-vs-reference comparison in the tables)."""
-    metrics = [m for m in (tables[0].metrics if tables else []) if m.kind == QUALITY and m.higher_is_better is not None]
+    """One paragraph from the numbers (over every distinct variant-vs-reference comparison)."""
+    metrics = [m for m in (tables[0].metrics if tables else []) if m.kind == QUALITY]
+    found = comparisons(tables)
     sentences: list[str] = []
-    compared: set[str] = set()
-    intervals = 0
-    for metric in metrics:
-        findings = _findings(tables, metric)
-        if not findings:
-            continue
-        compared.update(f.label for f in findings)
-        intervals += sum(f.delta.has_ci for f in findings)
-        sentences.append(_metric_sentence(metric, findings))
-    any_ci = intervals > 0
-    if sentences:
+    if found:
+        pairs = {c.label for c in found}
+        kinds = [c.cell.verdict.kind if c.cell.verdict else INCONCLUSIVE for c in found]
+        tested = sum(1 for c in found if c.cell.verdict is not None and c.cell.verdict.has_test)
         confidence = round(tables[0].confidence * 100)
-        sentences.insert(0, f"Over {plural(len(compared), 'variant-vs-reference comparison')} "
-                            f"(paired by seed, {confidence}% CI):")
-        if not any_ci:
-            sentences.append("Every delta rests on a single seed pair: no confidence intervals, treat them as "
-                             "indicative only.")
-        elif intervals >= 20:
-            # Honest about multiplicity: the intervals are per comparison, not corrected for how many there are.
-            chance = (1 - tables[0].confidence) * intervals
-            sentences.append(f"These are {intervals} uncorrected intervals: about {chance:.0f} would exclude 0 by "
-                             "chance alone, so trust effects that repeat across groups more than isolated ones.")
+        sentences.append(
+            f"Over {plural(len(pairs), 'variant-vs-reference comparison')} × "
+            f"{plural(len({c.metric.name for c in found}), 'quality metric')} (paired by seed): "
+            f"{kinds.count(SIGNIFICANT)} significant, {kinds.count(NO_LARGER_EFFECT)} no effect larger than "
+            f"the target, {kinds.count(INCONCLUSIVE)} inconclusive. Significant means a paired t test "
+            f"p < {ALPHA:g} after Holm's correction over the family of all {plural(tested, 'test')} this report "
+            f"shows (every comparison and metric with an interval); the tables show the uncorrected {confidence}% "
+            "CIs beside it.")
+        for metric in metrics:
+            of_metric = [c for c in found if c.metric.name == metric.name]
+            if of_metric:
+                sentences.append(_metric_sentence(metric, of_metric, metric_power(tables, metric, of_metric)))
+        if not tables[0].target_effects:
+            sentences.append("No `report.target_effects` in the spec: without a target no comparison can be "
+                             "called \"no effect larger than\" it.")
+        if not tested:
+            sentences.append("Every delta rests on a single seed pair (or identical per-seed differences): no "
+                             "intervals, no tests; treat them as indicative only.")
     elif metrics:
         sentences.append("No comparison has finished seeds in both a variant and its reference row yet, "
                          "so there are no deltas to summarize.")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from orchestrator.report.metrics import QUALITY, MetricSpec
 from orchestrator.report.tables import ComparisonTable, Row
+from orchestrator.report.verdicts import SIGNIFICANT
 
 BLOCK_METRIC = re.compile(r"^tokens/block(\d+)/cls_patch_cos_(pre|post)$")
 SIGNIFICANT_GAIN, SIGNIFICANT_DROP, UNSURE = "#2a9d4b", "#c0392b", "#8c8c8c"
@@ -27,11 +28,12 @@ def delta_metrics(table: ComparisonTable) -> list[MetricSpec]:
 def plot_deltas(table: ComparisonTable, path: Path) -> Path | None:
     """One panel per quality metric: each variant's paired Δ against its reference, 95% CI bars.
 
-    Green / red: the CI excludes 0 (gain / drop, direction-aware); grey: it includes 0; a hollow
-    marker without a bar: a single seed pair (no CI). Returns None when no row has a delta.
+    Green / red: significant after the Holm correction (gain / drop, direction-aware), as the
+    table's verdict; grey: not; a hollow marker without a bar: no CI (a single seed pair); a shaded
+    band: ± the metric's target effect. Returns None when no row has a delta.
     """
     metrics = delta_metrics(table)
-    rows = [r for r in table.rows if not r.is_reference and r.reference is not None]
+    rows = [r for r in table.rows if r.compared]
     panels = [(m, [(r, r.cells[m.name].delta) for r in rows
                    if r.cells[m.name].delta is not None and r.cells[m.name].delta.n > 0]) for m in metrics]
     panels = [(m, entries) for m, entries in panels if entries]
@@ -62,7 +64,9 @@ def plot_deltas(table: ComparisonTable, path: Path) -> Path | None:
                 hollow_y.append(y)
                 continue
             gain = (delta.mean > 0) == metric.higher_is_better
-            color = (SIGNIFICANT_GAIN if gain else SIGNIFICANT_DROP) if delta.significant else UNSURE
+            verdict = row.cells[metric.name].verdict
+            significant = verdict.kind == SIGNIFICANT if verdict is not None else bool(delta.significant)
+            color = (SIGNIFICANT_GAIN if gain else SIGNIFICANT_DROP) if significant else UNSURE
             xs, ys, lows, highs = by_color.setdefault(color, ([], [], [], []))
             xs.append(x)
             ys.append(y)
@@ -75,6 +79,9 @@ def plot_deltas(table: ComparisonTable, path: Path) -> Path | None:
         for boundary in group_starts[1:]:  # separate the groups of a crossing (framework, scale, ...)
             ax.axhline(boundary - 0.5, color="#cccccc", linewidth=0.8)
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        target = table.target_effects.get(metric.name)
+        if target is not None:  # the "no effect larger than" band: an interval inside it is a null result
+            ax.axvspan(-target * metric.scale, target * metric.scale, color=UNSURE, alpha=0.12, linewidth=0)
         ax.axvline(0.0, color="black", linewidth=0.8)
         unit = metric.difference_unit
         better = "→ better" if metric.higher_is_better else "← better"
@@ -84,7 +91,8 @@ def plot_deltas(table: ComparisonTable, path: Path) -> Path | None:
         ax.tick_params(labelsize=8)
     axes[0].set_yticks(range(len(rows)), labels)
     axes[0].set_ylim(len(rows) - 0.5, -0.5)
-    fig.suptitle(f"{table.title}: paired Δ vs reference ({round(table.confidence * 100)}% CI)", fontsize=10)
+    confidence = round(table.confidence * 100)
+    fig.suptitle(f"{table.title}: paired Δ vs reference ({confidence}% CI; colour: Holm-significant)", fontsize=10)
     fig.savefig(path, dpi=120)
     return path
 

@@ -1,4 +1,5 @@
-"""Pure statistics for the report: summaries over seeds and paired deltas with t confidence intervals.
+"""Pure statistics for the report: summaries over seeds and paired deltas with t confidence intervals
+and the paired t test's p-value.
 
 Everything here takes plain numbers (or `{seed: value}` maps) and returns plain values, so it can be
 checked against hand-computed numbers. No I/O, no pandas.
@@ -40,6 +41,7 @@ class DeltaEstimate:
     high: float | None
     n: int
     confidence: float = DEFAULT_CONFIDENCE
+    p_value: float | None = None  # the paired t test of "mean difference = 0", uncorrected; None without a CI
 
     @property
     def has_ci(self) -> bool:
@@ -104,7 +106,16 @@ def mean_with_ci(values: Iterable[float | None], confidence: float = DEFAULT_CON
         # zero-width interval: certainty claimed from no evidence about the noise. No interval.
         return DeltaEstimate(mean=m, low=None, high=None, n=n, confidence=confidence)
     half_width = t_quantile(confidence, n - 1) * spread / math.sqrt(n)
-    return DeltaEstimate(mean=m, low=m - half_width, high=m + half_width, n=n, confidence=confidence)
+    return DeltaEstimate(mean=m, low=m - half_width, high=m + half_width, n=n, confidence=confidence,
+                         p_value=t_test_p_value(clean))
+
+
+def t_test_p_value(values: Sequence[float]) -> float:
+    """Two-sided p-value of the one-sample t test of mean 0 (on paired differences: the paired t test)."""
+    # scipy.stats costs ~1 s to import: only a report pays for it.
+    from scipy.stats import ttest_1samp
+
+    return float(ttest_1samp(values, 0.0).pvalue)
 
 
 def paired_differences(variant: Mapping[int, float | None], reference: Mapping[int, float | None]) -> dict[int, float]:

@@ -129,6 +129,14 @@ class ReportSpec(Frozen):
     metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS))
     baseline: dict[str, str] | None = Field(None, description="default: the top-level baseline")
     output: Path | None = Field(None, description="report path, relative to the project root (default: reports/<name>.md)")
+    # Both in a metric's logged units (fractions for accuracies: seg_miou 0.01 is 1 point); keys
+    # are metrics of `metrics`.
+    target_effects: dict[str, float] = Field(
+        default_factory=dict, description="metric -> the smallest paired difference worth finding: `plan` says the "
+        "seeds it needs, the report calls an interval inside ±target 'no effect larger than' it")
+    paired_sd: dict[str, float] = Field(
+        default_factory=dict, description="metric -> a prior SD of the per-seed paired difference, for `plan`'s "
+        "power before any trial of the sweep has finished")
 
 
 # ------------------------------------------------------------------------------------------------

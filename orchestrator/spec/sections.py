@@ -6,6 +6,7 @@ into its model with every problem recorded.
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +161,35 @@ def parse_report(
     if output is not None and not (isinstance(output, str) and output.endswith(".md")):
         problems.add(path + ("output",), f"expected the path of a Markdown file, e.g. reports/ablation.md, got {output!r}")
         output = None
+    per_metric = {key: _per_metric_numbers(raw.get(key), path + (key,), metrics, problems)
+                  for key in ("target_effects", "paired_sd")}
     return ReportSpec(compare=checked, metrics=metrics, baseline=report_baseline or baseline,
-                      output=Path(output) if output else None)
+                      output=Path(output) if output else None, **per_metric)
+
+
+def _per_metric_numbers(raw: Any, path: KeyPath, metrics: list[str], problems: Problems) -> dict[str, float]:
+    """`report.target_effects` / `report.paired_sd`: metric of report.metrics -> a positive number
+    in the metric's logged units. Problems name the key and the fix; bad entries are dropped."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.add(path, f"expected a mapping of metric -> number (logged units, e.g. {{seg_miou: 0.01}}), "
+                     f"got {type(raw).__name__}")
+        return {}
+    out: dict[str, float] = {}
+    for name, value in raw.items():
+        where = path + (str(name),)
+        if name not in metrics:
+            close = difflib.get_close_matches(str(name), metrics, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.add(where, f"{name!r} is not one of report.metrics ({', '.join(metrics)}); {hint}"
+                         "add it to report.metrics or fix the name")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+            problems.add(where, f"expected a positive number in the metric's logged units (seg_miou 0.01 = 1 point), "
+                         f"got {value!r}")
+        else:
+            out[name] = float(value)
+    return out
 
 
 def check_report_metrics(metrics: list[str], trials: list[TrialConfig], problems: Problems) -> None:

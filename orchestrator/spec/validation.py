@@ -158,7 +158,26 @@ def check_trial_files(spec: SweepSpec) -> None:
         model, _ = validate_trial(_cell_config(spec, cell))  # load_spec validated every cell
         assert model is not None
         _report_where_written(spec, cell, check_files(model), reported, problems)
+        _check_searched_files(spec, cell, reported, problems)
     problems.raise_if_any()
+
+
+def _check_searched_files(spec: SweepSpec, cell: tuple[str, ...], reported: set[tuple[KeyPath, str]],
+                          problems: Problems) -> None:
+    """A searched setting that names a file (a choice of `model.pretrained`, say): each of its values
+    is checked like the cell's own files, reported at the search parameter that tries it."""
+    if spec.search is None:
+        return
+    for key, param in spec.search.params.items():
+        for value in param.edge_values():  # a file can only be a choice; ranges are numbers
+            model, _ = validate_trial(with_values(_cell_config(spec, cell), [{key: value}]))
+            if model is None:  # parse_search validated each value on the base; a cell may still clash
+                continue
+            for loc, message in check_files(model):
+                where = ("search", "params", key)
+                if dotted(loc) == key and (where, message) not in reported:
+                    reported.add((where, message))
+                    problems.add(where, f"value {value!r}: {message}")
 
 
 def _report_where_written(spec: SweepSpec, cell: tuple[str, ...], found: list[tuple[KeyPath, str]],
