@@ -25,7 +25,7 @@ from orchestrator.search.study import JOURNAL_FILE, CellSummary, journal_storage
 from orchestrator.spec import SlurmBackendSpec, SweepSpec, TrialPlan, expand
 from orchestrator.spec.profiles import DEFAULT_UTILISATION, GPU_PEAK_TFLOPS, DeviceSpec
 from orchestrator.stats.design import CellKey, cell_key, compared_pairs
-from orchestrator.stats.power import MetricPower, pooled_paired_sd
+from orchestrator.stats.power import MetricPower, metric_power, pooled_paired_sd
 from orchestrator.store import ProjectPaths, TrialDir
 from trainer.contract import NON_IDENTITY_KEYS, RESOLVED_CONFIG_FILE
 from trainer.scales import SCALES
@@ -284,8 +284,6 @@ def gpus_per_trial(spec: SweepSpec, config: dict[str, Any]) -> int:
 # ----------------------------------------------------------------------------------------------
 SD_FROM_SWEEP = "finished trials of this sweep"
 SD_FROM_EARLIER = "earlier trials of this sweep (other trainer code or settings)"
-SD_FROM_PRIOR = "the spec's prior (report.paired_sd)"
-SD_UNKNOWN = "unknown"
 Runs = dict[tuple[CellKey, int], dict[str, float]]  # (cell, seed) -> a finished trial's final metrics
 
 
@@ -378,11 +376,6 @@ def power_plan(spec: SweepSpec, trials: list[TrialPlan], ledger: Ledger, paths: 
                 earlier = [paired_differences(spec, runs, metrics) for runs in earlier_runs(spec, ledger, planned, paths)]
             pooled = pooled_paired_sd(diffs for setting in earlier for diffs in setting[metric])
             source = SD_FROM_EARLIER
-        if pooled is not None:
-            out.append(MetricPower(metric, seeds, pooled.sd, f"{source}: {pooled.pairs} comparison(s), "
-                                   f"{pooled.dof} degree(s) of freedom", target))
-        elif metric in spec.report.paired_sd:
-            out.append(MetricPower(metric, seeds, spec.report.paired_sd[metric], SD_FROM_PRIOR, target))
-        else:
-            out.append(MetricPower(metric, seeds, None, SD_UNKNOWN, target))
+        said = f"{source}: {pooled.pairs} comparison(s), {pooled.dof} degree(s) of freedom" if pooled else ""
+        out.append(metric_power(metric, seeds, pooled, said, spec.report.paired_sd.get(metric), target))
     return out

@@ -14,7 +14,6 @@ from rich.text import Text
 from orchestrator.ledger import Ledger, TrialRecord
 from orchestrator.locks import SweepLock
 from orchestrator.plan import (
-    SD_UNKNOWN,
     PlanDiff,
     compared_trials,
     device_of,
@@ -27,7 +26,7 @@ from orchestrator.plan import (
 from orchestrator.report.metrics import QUALITY, MetricSpec, metric_spec
 from orchestrator.search.study import CellSummary
 from orchestrator.spec import SweepSpec, TrialPlan, format_value
-from orchestrator.stats.power import ALPHA, MAX_SEEDS, POWER, MetricPower
+from orchestrator.stats.power import ALPHA, MAX_SEEDS, POWER, SD_UNKNOWN, MetricPower
 from orchestrator.store import ProjectPaths
 
 STATE_STYLE = {"done": "green", "running": "cyan", "failed": "red", "cancelled": "yellow", "pruned": "magenta",
@@ -122,8 +121,8 @@ def power_view(spec: SweepSpec, trials: list[TrialPlan], ledger: Ledger, paths: 
         lines.append(Text(f"no paired SD yet for {', '.join(unknown)}: finish two seeds of a variant and its "
                           "reference, or give a prior: report.paired_sd: {" + ", ".join(f"{n}: ..." for n in unknown)
                           + "} (logged units, e.g. 0.006 for 0.6 mIoU points)"))
-    lines.append(Text("detectable Δ: the smallest true paired difference a single test finds 80% of the time; the "
-                      "report's Holm correction over all its comparisons needs somewhat more"))
+    lines.append(Text(f"detectable Δ: the smallest true paired difference a single test finds {POWER:.0%} of the "
+                      "time; the report's Holm correction over all its comparisons needs somewhat more"))
     return lines
 
 

@@ -19,7 +19,6 @@ from orchestrator.plan import (
     PRIOR_STARTUP_S,
     SD_FROM_EARLIER,
     SD_FROM_SWEEP,
-    SD_UNKNOWN,
     device_of,
     diff_plan,
     estimate_train_flops,
@@ -35,7 +34,7 @@ from orchestrator.plan import (
 from orchestrator.spec.profiles import GPU_PEAK_TFLOPS
 from orchestrator.views import plan_view
 from orchestrator.spec import TrialPlan, expand, load_spec
-from orchestrator.stats.power import detectable_effect_size, seeds_for_effect_size
+from orchestrator.stats.power import SD_UNKNOWN, detectable_effect_size, seeds_for_effect_size
 from orchestrator.store import ProjectPaths
 from trainer.contract import CONFIG_FILE, RESOLVED_CONFIG_FILE, TrialResult, write_result
 

@@ -12,7 +12,7 @@ from orchestrator.report.outcome import Collection
 from orchestrator.report.stats import DeltaEstimate, is_improvement
 from orchestrator.report.tables import Comparison, ComparisonTable, comparisons
 from orchestrator.report.verdicts import INCONCLUSIVE, NO_LARGER_EFFECT, SIGNIFICANT
-from orchestrator.stats.power import ALPHA, POWER, MetricPower, pooled_paired_sd
+from orchestrator.stats.power import ALPHA, POWER, MetricPower, metric_power, pooled_paired_sd
 
 
 def _amount(metric: MetricSpec, value: float, signed: bool = True) -> str:
@@ -38,19 +38,14 @@ def planned_seeds(tables: Sequence[ComparisonTable]) -> int:
     return max((len(row.outcomes) for table in tables for row in table.rows if not row.is_control), default=0)
 
 
-def metric_power(tables: Sequence[ComparisonTable], metric: MetricSpec, found: list[Comparison]) -> MetricPower:
+def design_power(tables: Sequence[ComparisonTable], metric: MetricSpec, found: list[Comparison]) -> MetricPower:
     """The metric's power at the design's seeds, with the paired SD pooled over its comparisons
     (else the spec's prior)."""
     seeds = planned_seeds(tables)
     target = tables[0].target_effects.get(metric.name)
     pooled = pooled_paired_sd(list(c.cell.differences.values()) for c in found)
-    if pooled is not None:
-        where = f"observed over {plural(pooled.pairs, 'comparison')}"
-        return MetricPower(metric.name, seeds, pooled.sd, where, target)
-    prior = tables[0].paired_sd.get(metric.name)
-    if prior is not None:
-        return MetricPower(metric.name, seeds, prior, "the spec's prior (report.paired_sd)", target)
-    return MetricPower(metric.name, seeds, None, "unknown", target)
+    said = f"observed over {plural(pooled.pairs, 'comparison')}" if pooled else ""
+    return metric_power(metric.name, seeds, pooled, said, tables[0].paired_sd.get(metric.name), target)
 
 
 def _power_phrase(metric: MetricSpec, power: MetricPower) -> str:
@@ -128,7 +123,7 @@ def at_a_glance(tables: Sequence[ComparisonTable], collection: Collection) -> st
         for metric in metrics:
             of_metric = [c for c in found if c.metric.name == metric.name]
             if of_metric:
-                sentences.append(_metric_sentence(metric, of_metric, metric_power(tables, metric, of_metric)))
+                sentences.append(_metric_sentence(metric, of_metric, design_power(tables, metric, of_metric)))
         if not tables[0].target_effects:
             sentences.append("No `report.target_effects` in the spec: without a target no comparison can be "
                              "called \"no effect larger than\" it.")

@@ -135,3 +135,18 @@ class MetricPower:
         if self.sd == 0:
             return MIN_SEEDS  # no noise at all: two pairs show any difference
         return seeds_for_effect_size(self.target / self.sd, self.alpha, self.power)
+
+
+SD_FROM_PRIOR = "the spec's prior (report.paired_sd)"
+SD_UNKNOWN = "unknown"
+
+
+def metric_power(metric: str, seeds: int, pooled: PooledSD | None, pooled_source: str, prior: float | None,
+                 target: float | None) -> MetricPower:
+    """The metric's power from the first paired SD there is: `pooled` (said as `pooled_source`, with
+    its comparisons and degrees of freedom), else the spec's prior, else unknown."""
+    if pooled is not None:
+        return MetricPower(metric, seeds, pooled.sd, pooled_source, target)
+    if prior is not None:
+        return MetricPower(metric, seeds, prior, SD_FROM_PRIOR, target)
+    return MetricPower(metric, seeds, None, SD_UNKNOWN, target)
