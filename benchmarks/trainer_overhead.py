@@ -63,7 +63,8 @@ def hand_written_loop(scale: str, specialization: str, batch_size: int, steps: i
              torch.randint(0, 4, (batch_size,), device=dev))
     if with_data:
         dataset = build_train_dataset(parse_config(trial_config(scale, specialization, batch_size, steps, threads)))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                             collate_fn=dataset.collate)
         batches = (batch for _ in range(steps) for batch in loader)  # epoch after epoch
     model.train()
     elapsed = 0.0

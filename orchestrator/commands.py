@@ -31,6 +31,7 @@ from orchestrator.lifecycle import SweepOutcome
 from orchestrator.runner import SweepRunner
 from orchestrator.search.scheduler import SearchScheduler, cell_trials
 from orchestrator.spec import SpecError, SweepSpec, expand, spec_hash
+from orchestrator.spec.controls import control_trials
 from orchestrator.store import ROOT_ENV, ProjectPaths
 from orchestrator.tracking import SweepTracker, SyncSummary
 
@@ -64,6 +65,7 @@ def run_sweep(spec: SweepSpec, *, detach: bool = False, progress: bool = True, o
     # from its cells' studies as they go (SearchScheduler.start/more), built on these cell trials.
     per_cell = cell_trials(spec, version) if spec.search is not None else None
     trials = expand(spec, code_version=version) if per_cell is None else []
+    trials += control_trials(spec, version)  # the report's floors: trials like any other, shared via the store
     digest = spec_hash(spec)
     with SweepLock(output_dir, spec.name):
         ledger = Ledger.for_sweep(output_dir)

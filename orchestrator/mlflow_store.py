@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from orchestrator.store import ProjectPaths
 
 # -- tags ----------------------------------------------------------------------------------------
-PARENT_ROLE_TAG = "sweep_role"  # "parent" (one per sweep) or "cell" (one per cell of a tuned sweep)
+PARENT_ROLE_TAG = "sweep_role"  # "parent" (one per sweep), "cell" (one per cell of a tuned sweep), "control"
 SWEEP_NAME_TAG = "sweep_name"  # on the parent and cell runs
 SWEEP_HASH_TAG = "sweep_spec_hash"  # on the parent
 CELL_KEY_TAG = "cell_key"  # on a cell run: "axis=value axis=value"
@@ -38,6 +38,7 @@ SEED_TAG = "seed"
 CELL_TAG_PREFIX = "cell."  # one tag per axis: cell.<axis> = value name
 SEARCH_TAG_PREFIX = "search."  # a tuned sweep's trial: search.<param> = value
 FAILURE_CLASS_TAG = "failure_class"
+CONTROL_TAG = "control"  # a control trial's child (sweep_role=control): its control's name (untrained, pixels)
 
 _INVALID_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
 T = TypeVar("T")

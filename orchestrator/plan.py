@@ -23,6 +23,7 @@ from orchestrator.mlflow_store import final_metrics
 from orchestrator.search.scheduler import CellTrials, cell_trials, final_trials, open_studies
 from orchestrator.search.study import JOURNAL_FILE, CellSummary, journal_storage
 from orchestrator.spec import SlurmBackendSpec, SweepSpec, TrialPlan, expand
+from orchestrator.spec.controls import control_trials
 from orchestrator.spec.profiles import DEFAULT_UTILISATION, GPU_PEAK_TFLOPS, DeviceSpec
 from orchestrator.stats.design import CellKey, cell_key, compared_pairs
 from orchestrator.stats.power import MetricPower, metric_power, pooled_paired_sd
@@ -59,11 +60,12 @@ class TunedTrials:
     final: list[TrialPlan]  # each cell at its chosen settings, every seed (untuned while undecided)
     search: list[TrialPlan] = field(default_factory=list)  # every run the searches made
     cells: list[CellSummary] = field(default_factory=list)  # in the sweep's cell order
+    controls: list[TrialPlan] = field(default_factory=list)  # report.controls, searched by no one
 
     @property
     def trials(self) -> list[TrialPlan]:
-        """Everything the sweep asked for so far: the searches' runs, then the final trials."""
-        return unique_by_id([*self.search, *self.final])
+        """Everything the sweep asked for so far: the searches' runs, the final trials, the controls."""
+        return unique_by_id([*self.search, *self.final, *self.controls])
 
 
 def tuned_trials(spec: SweepSpec, output_dir: Path, code_version: str,
@@ -71,13 +73,15 @@ def tuned_trials(spec: SweepSpec, output_dir: Path, code_version: str,
     """Read the sweep's studies (never creating one) into the trials that stand for each cell."""
     if per_cell is None:
         per_cell = cell_trials(spec, code_version)
+    controls = control_trials(spec, code_version)
     if not (Path(output_dir) / JOURNAL_FILE).exists():
-        return TunedTrials(final=final_trials(spec, code_version, {}, per_cell))
+        return TunedTrials(final=final_trials(spec, code_version, {}, per_cell), controls=controls)
     studies = open_studies(spec, Path(output_dir), code_version, per_cell, create=False)
     summaries = {tuple(s.cell_trial.cell.values()): s.summary() for s in studies}
     searched = unique_by_id(trial for study in studies for trial in study.searched_trials())
     cells = [summaries[cell] for cell in per_cell if cell in summaries]
-    return TunedTrials(final=final_trials(spec, code_version, summaries, per_cell), search=searched, cells=cells)
+    return TunedTrials(final=final_trials(spec, code_version, summaries, per_cell), search=searched, cells=cells,
+                       controls=controls)
 
 
 class JournalError(RuntimeError):
@@ -100,9 +104,10 @@ def check_journal(output_dir: Path) -> None:
 
 def planned_trials(spec: SweepSpec, paths: ProjectPaths, code_version: str) -> list[TrialPlan]:
     """What the sweep asks for: `expand(spec)`; for a tuned sweep, the runs its searches made so
-    far plus each cell's final trials (at its chosen settings once its search is over)."""
+    far plus each cell's final trials (at its chosen settings once its search is over); then the
+    report's controls (spec/controls.py)."""
     if spec.search is None:
-        return expand(spec, code_version=code_version)
+        return unique_by_id([*expand(spec, code_version=code_version), *control_trials(spec, code_version)])
     return tuned_trials(spec, sweep_output_dir(spec, paths), code_version).trials
 
 
@@ -288,10 +293,11 @@ Runs = dict[tuple[CellKey, int], dict[str, float]]  # (cell, seed) -> a finished
 
 
 def compared_trials(spec: SweepSpec, trials: list[TrialPlan], paths: ProjectPaths) -> list[TrialPlan]:
-    """The trials the report compares: all of a plain sweep's; a tuned sweep's final ones (its
-    search runs differ in their settings, so pairing them by seed would measure the search)."""
+    """The trials the report compares: a plain sweep's cells (its controls are floors, never
+    compared); a tuned sweep's final ones (its search runs differ in their settings, so pairing them
+    by seed would measure the search)."""
     if spec.search is None:
-        return trials
+        return [trial for trial in trials if trial.control is None]
     return tuned_trials(spec, sweep_output_dir(spec, paths), code_version()).final
 
 

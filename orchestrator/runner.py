@@ -130,8 +130,10 @@ class SweepRunner:
         self.ledger.save()
 
     def _tell_search(self, tid: str, state: str) -> None:
-        """How a trial ended (done, failed for good, pruned), for the search that asked for it."""
-        if self.search is not None:
+        """How a trial ended (done, failed for good, pruned), for the search that asked for it (a
+        control is no search's: told, it would count as an exploration, whose failure is no failure)."""
+        trial = self.by_id.get(tid)
+        if self.search is not None and (trial is None or trial.control is None):
             self.search.trial_ended(tid, state, self.paths.trial(tid).result())
 
     def _recover_running(self) -> None:

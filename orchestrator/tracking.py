@@ -5,7 +5,8 @@ Identity rules that keep runs unique across retries, restarts and re-runs:
   (its id is also kept in the ledger); a changed spec updates the parent's `sweep_spec_hash` tag
   instead of opening a second parent, because it is still the same sweep (same ledger, same dir);
 - a child is found by tags `trial_id` + `mlflow.parentRunId`; the runner passes an existing child's
-  id to the trainer (`tracking.run_id`), so a resumed or retried trial continues its run;
+  id to the trainer (`tracking.run_id`), so a resumed or retried trial continues its run; a control
+  (`report.controls`) is a child too, tagged `sweep_role=control` and `control=<name>`;
 - a tuned sweep (spec `search:`) adds one run per cell between the two (tags `sweep_role=cell` +
   `cell_key`): every search trial and final trial of the cell is its child;
 - `sync_trials` writes what MLflow lacks for finished trials (a child for a trial reused from another
@@ -37,6 +38,7 @@ from orchestrator.mlflow_store import (
     CELL_KEY_TAG,
     CELL_TAG_PREFIX,
     CODE_VERSION_TAG,
+    CONTROL_TAG,
     PARENT_ROLE_TAG,
     PARENT_RUN_TAG,
     SEARCH_TAG_PREFIX,
@@ -67,6 +69,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 OFFLINE_RETRY_S = 30.0  # after MLflow failed, how long the sweep goes on without it before trying again
+CONTROL_ROLE = "control"  # the PARENT_ROLE_TAG of a control trial's child run (report.controls)
 
 
 def _quote(value: str) -> str:
@@ -262,6 +265,8 @@ class SweepTracker:
     def child_tags(self, trial: TrialPlan) -> dict[str, str]:
         tags = {TRIAL_ID_TAG: trial.trial_id, SPEC_HASH_TAG: self.spec_hash, CODE_VERSION_TAG: self.code_version,
                 SWEEP_TAG: self.sweep_name, SEED_TAG: str(trial.seed)}
+        if trial.control is not None:  # a floor of the report (spec/controls.py), a child like the others
+            tags.update({PARENT_ROLE_TAG: CONTROL_ROLE, CONTROL_TAG: trial.control})
         tags.update({f"{CELL_TAG_PREFIX}{axis}": str(value) for axis, value in trial.cell.items()})
         tags.update({f"{SEARCH_TAG_PREFIX}{key}": str(value) for key, value in (trial.params or {}).items()})
         return tags

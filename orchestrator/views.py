@@ -79,7 +79,7 @@ def plan_view(spec: SweepSpec, trials: list[TrialPlan], diff: PlanDiff, ledger: 
                       *[""] * (len(columns) - 4))
     lines: list[Table | Text] = [table, Text(remaining_line(spec, remaining, bases, on_gpu))]
     if spec.search is not None:
-        cells = len({tuple(t.cell.values()) for t in trials})
+        cells = len({tuple(t.cell.values()) for t in trials if t.control is None})
         lines.append(Text(f"search: up to {spec.search.budget()} {spec.search.sampler} trials in each of {cells} cells "
                           f"(shown: the runs made so far and each cell's final trials), then {len(spec.seeds)} seed(s) "
                           "at the chosen settings"))

@@ -170,3 +170,15 @@ def test_crop_sizes_from_the_config():
     assert resolve_local_crop_size(TrialConfig(model={"scale": "huge"})) == 98  # patch 14
     assert resolve_local_crop_size(TrialConfig(model={"img_size": 8, "patch_size": 8})) == 8  # at least one patch
     assert resolve_local_crop_size(TrialConfig(dinov2={"local_crop_size": 20})) == 20
+
+
+@pytest.mark.parametrize("target", ["label", "segmentation", "depth"])
+def test_batched_eval_fetch_equals_the_per_sample_transform(target):
+    from trainer.data import EvalDataset, EvalTransform, scenes_split
+
+    dataset = EvalDataset(scenes_split("val", 24, 32, 4, 0), EvalTransform(target))
+    batched = dataset.__getitems__(list(range(5, 17)))
+    for index, (image, value) in zip(range(5, 17), batched):
+        expected_image, expected_value = dataset[index]
+        assert torch.equal(image, expected_image)
+        assert torch.equal(value, expected_value) and value.dtype == expected_value.dtype

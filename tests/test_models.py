@@ -311,3 +311,19 @@ def test_parameter_accounting_for_base_paper_matches_the_hand_count():
 def test_layerscale_specialization_counts_when_present():
     report = parameter_report(micro("ls1,ls2"))
     assert report.added_by_component == {"ls1": 6 * 64, "ls2": 6 * 64}
+
+
+@pytest.mark.parametrize("pool", ["avg", "max"])
+@pytest.mark.parametrize("spec", ["paper", "all"])
+def test_pooling_without_a_per_token_final_norm_leaves_final_norm_absent(spec, pool):
+    # timm's avg/max pooling swaps the per-token final norm for fc_norm on the pooled patch tokens:
+    # no [CLS] row passes it, so final_norm is absent (a warning, like LayerScale without init_values).
+    with pytest.warns(UserWarning, match="final_norm"):
+        model = micro(spec, num_classes=0, global_pool=pool)
+    assert "final_norm" in model.absent_components
+    assert isinstance(model.norm, torch.nn.Identity) and isinstance(model.fc_norm, torch.nn.LayerNorm)
+    assert "final_norm" not in parameter_report(model).added_by_component
+    vanilla = vanilla_micro(num_classes=0, global_pool=pool)
+    load_vanilla_checkpoint(model, vanilla.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), vanilla.eval()(x), rtol=1e-5, atol=1e-6)

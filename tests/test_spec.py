@@ -11,6 +11,7 @@ from orchestrator.identity import code_version, trial_id
 from orchestrator.plan import diff_plan
 from orchestrator.spec import SpecError, SweepSpec, TrialPlan, expand, load_spec, spec_hash
 from trainer.config import TrackingConfig, TrialConfig, parse_config
+from trainer.specialization import Specialization
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION = "test-code"  # a fixed code version: these tests are about the spec, not the trainer's source
@@ -368,9 +369,14 @@ def test_shipped_sweeps_load_and_expand(path):
 
 def test_default_sweep_trades_arms_for_seeds_and_the_broad_comparison_has_its_own_spec():
     spec = load_spec(REPO / "sweeps" / "component_ablation.yaml")
-    assert spec.axis("specialization").value_names == ["none", "norms", "qkv", "paper", "all"]
+    assert spec.axis("specialization").value_names == ["none", "norms", "qkv", "paper", "all", "matched"]
     assert spec.baseline == {"specialization": "none"} and spec.report.compare == ["specialization"]
-    assert spec.seeds == [0, 1, 2, 3, 4] and len(expand(spec, VERSION)) == 25
+    trials = expand(spec, VERSION)
+    assert spec.seeds == [0, 1, 2, 3, 4, 5] and len(trials) == 36
+    matched = [t.config["model"] for t in trials if t.cell["specialization"] == "matched"]
+    paper = Specialization.parse("paper").canonical()
+    assert len(matched) == 6 and all(m["specialization"] == "none" and m["match_params_of"] == paper for m in matched)
+    assert spec.report.controls == ["untrained", "pixels"]
     assert spec.base["evaluation"]["max_val_samples"] == spec.base["data"]["scenes"]["val_size"] == 1024
     assert set(spec.report.target_effects) == set(spec.report.paired_sd) == set(spec.report.metrics)
 

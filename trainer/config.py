@@ -60,15 +60,33 @@ class ModelConfig(Section):
     drop_path_rate: Float = Field(0.0, ge=0.0, lt=1.0)
     layer_scale_init: Float | None = Field(1e-4, description="LayerScale init value; null disables LayerScale")
     pretrained: Path | None = Field(None, description="vanilla timm checkpoint (.pth/.safetensors) to specialize")
+    resample_pretrained: bool = Field(False, description=(
+        "resample a checkpoint's patch embedding / position grid to the model's; off: a mismatch is refused "
+        "(a resampled model no longer computes the checkpoint's function)"))
+    no_embed_class: bool = Field(False, description=(
+        "no position embedding on [CLS] (DeiT-III's layout, DINOv2 with registers as timm ports it)"))
+    # Architecture overrides (default: the scale's). The parameter-matched control widens the MLP.
+    embed_dim: Int | None = Field(None, gt=0)
+    depth: Int | None = Field(None, gt=0)
+    num_heads: Int | None = Field(None, gt=0)
+    mlp_ratio: Float | None = Field(None, gt=0)
+    match_params_of: str | None = Field(None, description=(
+        "a specialization: widen this vanilla model's MLP to its parameter count (the paper's "
+        "parameter-matched control; trainer/models/matching.py)"))
 
-    @field_validator("specialization")
+    @field_validator("specialization", "match_params_of")
     @classmethod
-    def _canonical_specialization(cls, value: str) -> str:
-        return Specialization.parse(value).canonical()
+    def _canonical_specialization(cls, value: str | None) -> str | None:
+        return None if value is None else Specialization.parse(value).canonical()
 
     @property
-    def depth(self) -> int:
-        return int(SCALES[self.scale]["depth"])
+    def resolved_depth(self) -> int:
+        return self.depth or int(SCALES[self.scale]["depth"])
+
+    def architecture(self) -> dict[str, Any]:
+        """The timm constructor's size arguments this config overrides (empty: the scale's own)."""
+        keys = ("embed_dim", "depth", "num_heads", "mlp_ratio")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     @property
     def resolved_img_size(self) -> int:
@@ -81,10 +99,24 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _fits_the_model(self) -> "ModelConfig":
         problems = []
-        if found := Specialization.parse(self.specialization).depth_problems(self.depth):
-            problems.append((("specialization",), f"{'; '.join(found)} (model.scale {self.scale} has blocks 0 to "
-                             f"{self.depth - 1}): use indices below {self.depth}, first:N or last:N with N <= "
-                             f"{self.depth}, or a relative range (first_third, last_half, ...)", self.specialization))
+        depth = self.resolved_depth
+        if found := Specialization.parse(self.specialization).depth_problems(depth):
+            source = f"model.depth {depth}" if self.depth else f"model.scale {self.scale}"
+            problems.append((("specialization",), f"{'; '.join(found)} ({source} has blocks 0 to "
+                             f"{depth - 1}): use indices below {depth}, first:N or last:N with N <= "
+                             f"{depth}, or a relative range (first_third, last_half, ...)", self.specialization))
+        if self.match_params_of is not None:
+            if not Specialization.parse(self.specialization).is_vanilla:
+                problems.append((("match_params_of",), "the parameter-matched control is a vanilla model: set "
+                                 "model.specialization: none, or drop model.match_params_of", self.match_params_of))
+            if self.mlp_ratio is not None:
+                problems.append((("mlp_ratio",), "model.match_params_of chooses the MLP ratio: drop model.mlp_ratio",
+                                 self.mlp_ratio))
+        width, heads = self.embed_dim or int(SCALES[self.scale]["embed_dim"]), self.num_heads or int(SCALES[self.scale]["num_heads"])
+        if width % heads:
+            problems.append((("embed_dim" if self.embed_dim else "num_heads",), f"embed_dim {width} is not divisible by "
+                             f"num_heads {heads}: attention splits the width into equal heads; choose a multiple",
+                             self.embed_dim or self.num_heads))
         img, patch = self.resolved_img_size, self.resolved_patch_size
         if img % patch:
             default = f"model.scale {self.scale}'s default"
@@ -124,7 +156,7 @@ class DataConfig(Section):
 
 
 class ScheduleConfig(Section):
-    steps: Int = Field(300, gt=0)
+    steps: Int = Field(300, ge=0, description="training steps; 0: evaluate the initial model (a control)")
     batch_size: Int = Field(64, gt=0, description="global batch size, split across processes")
     warmup_steps: Int = Field(30, ge=0)
     checkpoint_every: Int = Field(100, gt=0, description="steps between checkpoints")
@@ -132,7 +164,11 @@ class ScheduleConfig(Section):
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "ScheduleConfig":
-        if self.warmup_steps >= self.steps:
+        if self.steps == 0 and self.warmup_steps:
+            raise fail_at([(("warmup_steps",), f"warmup_steps ({self.warmup_steps}) must be 0 with steps 0 (the "
+                            "initial model is evaluated, nothing is trained): set schedule.warmup_steps: 0",
+                            self.warmup_steps)])
+        if self.warmup_steps >= self.steps > 0:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
         return self
 
@@ -186,6 +222,9 @@ class EvaluationConfig(Section):
     every_steps: Int = Field(0, ge=0, description=(
         "steps between intermediate evaluations (linear + k-NN on the validation split, written to "
         "DIR/progress.jsonl; what a search prunes on); 0: none"))
+    # pixels: the probes read the raw normalized pixel patches (the model's patch size) instead of
+    # the backbone's tokens: the floor a trained backbone must clear (trainer/evaluation/pixels.py).
+    features: Literal["backbone", "pixels"] = "backbone"
 
 
 class TrackingConfig(Section):
@@ -212,6 +251,11 @@ class RuntimeConfig(Section):
     # for DINOv2's multi-crop); auto: on for GPU, off for CPU.
     compile: Literal["auto", "on", "off", "reduce-overhead"] = "auto"
     threads: Int | None = Field(None, gt=0, description="torch intra-op threads; default: torch's")
+    # Evaluation runs on rank 0 while the other ranks wait in a barrier: torch's default process
+    # group timeout (10 min for NCCL, 30 for gloo) would fail a trial whose training finished.
+    dist_timeout_min: Float = Field(180.0, gt=0, description=(
+        "minutes a distributed collective may wait (init_process_group timeout); longer than the "
+        "longest evaluation"))
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -237,7 +281,15 @@ class TrialConfig(Section):
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
-    def _intermediate_needs_validation(self) -> "TrialConfig":
+    def _sections_agree(self) -> "TrialConfig":
+        steps = self.schedule.steps
+        if self.evaluation.features == "pixels" and steps:
+            raise fail_at([(("evaluation", "features"), f"evaluation.features pixels trains nothing: set "
+                            f"schedule.steps: 0 (got {steps}), or evaluation.features: backbone", "pixels")])
+        if self.evaluation.every_steps and not steps:
+            raise fail_at([(("evaluation", "every_steps"), "evaluation.every_steps evaluates during training and "
+                            "schedule.steps 0 trains nothing: set evaluation.every_steps: 0",
+                            self.evaluation.every_steps)])
         if self.evaluation.every_steps and not self.data.val_fraction:
             raise ValueError("evaluation.every_steps measures on the validation split: "
                              "set data.val_fraction > 0 (e.g. 0.1), or evaluation.every_steps: 0")

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 import trainer.models as tm
 from trainer.checkpoint import TrainState, apply_checkpoint, read_checkpoint, save_checkpoint
 from trainer.config import TrialConfig
-from trainer.data import build_eval_datasets, build_train_dataset, collate_multicrop, num_classes, resolve_img_size
+from trainer.data import build_eval_datasets, build_train_dataset, num_classes, resolve_img_size
 from trainer.contract import (
     ERROR, NAN, OOM, PROGRESS_FILE, RESOLVED_CONFIG_FILE, RUN_ARTIFACT_FILES,
     VALIDATION_PREFIX, TrialResult, append_jsonl, read_result, write_result, write_text_atomic,
@@ -73,22 +73,26 @@ def backbone_factory(cfg: TrialConfig):
     """A function that builds a fresh backbone (DINOv2 builds two: student and teacher)."""
     m = cfg.model
     kwargs: dict[str, Any] = dict(
-        specialization=m.specialization,
         registers_follow=m.registers_follow,
         reg_tokens=m.reg_tokens,
         img_size=resolve_img_size(cfg),
         drop_path_rate=m.drop_path_rate,
         init_values=m.layer_scale_init,
+        no_embed_class=m.no_embed_class,
         num_classes=0,
         dynamic_img_size=cfg.framework == "dinov2",  # local crops are smaller than global ones
+        **m.architecture(),
     )
     if m.patch_size:
         kwargs["patch_size"] = m.patch_size
+    if m.match_params_of:
+        kwargs["mlp_ratio"] = tm.match_vanilla_parameters(m.scale, m.match_params_of, **kwargs).mlp_ratio
+    kwargs["specialization"] = m.specialization
 
     def build() -> nn.Module:
         model = timm.create_model(tm.MODEL_NAMES[m.scale], **kwargs)
         if m.pretrained:
-            tm.load_vanilla_checkpoint(model, m.pretrained)
+            tm.load_vanilla_checkpoint(model, m.pretrained, resample=m.resample_pretrained)
         return model
 
     return build
@@ -210,7 +214,7 @@ class Trial:
         if runtime.compile:
             model = torch.compile(model, mode=runtime.compile_mode)
         cuda = runtime.device.type == "cuda"
-        loader = DataLoader(dataset, collate_fn=collate_multicrop if cfg.framework == "dinov2" else None,
+        loader = DataLoader(dataset, collate_fn=dataset.collate,
                             batch_sampler=RunBatches(len(dataset), sched.batch_size, cfg.seed, runtime,
                                                      state.step, sched.steps),
                             num_workers=cfg.data.num_workers, pin_memory=cuda,

@@ -57,5 +57,5 @@ def metric_table(cfg: TrialConfig) -> dict[str, str | None]:
                 for name, why in measured.items()})
     tokens = None if cfg.evaluation.token_interaction else "evaluation.token_interaction is false: set it to true"
     out.update({f"tokens/{stage}_{m}": tokens for stage in ("early", "late") for m in TOKEN_STAGE_MEASURES})
-    out.update({f"tokens/block{i}/{m}": tokens for i in range(cfg.model.depth) for m in TOKEN_BLOCK_MEASURES})
+    out.update({f"tokens/block{i}/{m}": tokens for i in range(cfg.model.resolved_depth) for m in TOKEN_BLOCK_MEASURES})
     return out

@@ -6,11 +6,17 @@ import os
 import resource
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from trainer.config import RuntimeConfig
+
+
+def process_group_timeout(cfg: RuntimeConfig) -> timedelta:
+    """How long a collective (a barrier while rank 0 evaluates) may wait before the group fails."""
+    return timedelta(minutes=cfg.dist_timeout_min)
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,8 @@ def setup_runtime(cfg: RuntimeConfig) -> Runtime:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://",
+                                timeout=process_group_timeout(cfg))
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     compile_ = cfg.compile in ("on", "reduce-overhead") or (cfg.compile == "auto" and cuda)
     mode = "reduce-overhead" if cfg.compile == "reduce-overhead" else None

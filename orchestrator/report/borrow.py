@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from orchestrator.mlflow_store import (
     CELL_TAG_PREFIX,
     CODE_VERSION_TAG,
+    CONTROL_TAG,
     SEED_TAG,
     SWEEP_TAG,
     TRIAL_ID_TAG,
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from orchestrator.store import ProjectPaths
     from trainer.contract import TrialResult
 
-Slot = tuple[tuple[tuple[str, str], ...], int]  # (sorted cell items, seed)
+Slot = tuple[tuple[tuple[str, str], ...], int]  # (sorted cell items, or (("control", name),) for a control; seed)
 
 
 def identity_params(config: Mapping[str, object]) -> dict[str, str]:
@@ -59,7 +60,7 @@ def borrow_from_other_code_versions(plans: Sequence[TrialPlan], outcomes: list[T
     planned_ids = {p.trial_id for p in plans}
     by_slot: dict[Slot, list[int]] = {}
     for i in waiting:
-        by_slot.setdefault(_slot(outcomes[i].cell, outcomes[i].seed), []).append(i)
+        by_slot.setdefault(_outcome_slot(outcomes[i]), []).append(i)
 
     mlflow_candidates: dict[Slot, list[MlflowRun]] = {}
     for trial_id, runs in fetched.runs_by_trial.items():
@@ -81,7 +82,8 @@ def borrow_from_other_code_versions(plans: Sequence[TrialPlan], outcomes: list[T
             match = next((r for r in runs if same_config(expected, params.get(r.run_id, {}))), None)
             if match is not None:
                 out[i] = TrialOutcome(
-                    trial_id=current.trial_id, cell=current.cell, seed=current.seed, state="done", source="mlflow",
+                    trial_id=current.trial_id, cell=current.cell, seed=current.seed, control=current.control,
+                    state="done", source="mlflow",
                     run_id=match.run_id, experiment_id=match.experiment_id, metrics=dict(match.metrics),
                     code_version=match.tags.get(CODE_VERSION_TAG) or "unknown", stale_from=match.tags[TRIAL_ID_TAG])
                 continue
@@ -89,7 +91,8 @@ def borrow_from_other_code_versions(plans: Sequence[TrialPlan], outcomes: list[T
             if borrowed is not None:
                 old_id, result = borrowed
                 out[i] = TrialOutcome(
-                    trial_id=current.trial_id, cell=current.cell, seed=current.seed, state="done", source="disk",
+                    trial_id=current.trial_id, cell=current.cell, seed=current.seed, control=current.control,
+                    state="done", source="disk",
                     run_id=result.mlflow_run_id, metrics=final_metrics(result), code_version="unknown",
                     stale_from=old_id)
     return out
@@ -99,8 +102,15 @@ def _slot(cell: Mapping[str, str], seed: int) -> Slot:
     return tuple(sorted(cell.items())), int(seed)
 
 
+def _outcome_slot(outcome: TrialOutcome) -> Slot:
+    """A control has no cell: its control's name stands in for one, as on its run (`_run_slot`)."""
+    return _slot({CONTROL_TAG: outcome.control} if outcome.control else outcome.cell, outcome.seed)
+
+
 def _run_slot(run: MlflowRun) -> Slot | None:
     cell = {k[len(CELL_TAG_PREFIX):]: v for k, v in run.tags.items() if k.startswith(CELL_TAG_PREFIX)}
+    if not cell and run.tags.get(CONTROL_TAG):
+        cell = {CONTROL_TAG: run.tags[CONTROL_TAG]}
     try:
         return _slot(cell, int(run.tags[SEED_TAG])) if cell else None
     except (KeyError, ValueError):
@@ -109,8 +119,10 @@ def _run_slot(run: MlflowRun) -> Slot | None:
 
 def _from_ledger(slot: Slot, expected: Mapping[str, str], ledger: Mapping[str, TrialRecord],
                  planned_ids: set[str], paths: ProjectPaths) -> tuple[str, TrialResult] | None:
+    # A control's record has no cell (the ledger keeps none for it): its config tells which it is.
+    control = len(slot[0]) == 1 and slot[0][0][0] == CONTROL_TAG
     candidates = [(tid, r) for tid, r in ledger.items() if tid not in planned_ids and r.state == "done"
-                  and _slot(r.cell, r.seed) == slot]
+                  and (_slot(r.cell, r.seed) == slot or (control and not r.cell and int(r.seed) == slot[1]))]
     for trial_id, _ in sorted(candidates, key=lambda c: c[1].ended_at or 0, reverse=True):
         trial = paths.trial(trial_id)
         result = trial.result()

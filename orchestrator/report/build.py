@@ -19,6 +19,7 @@ from orchestrator.report.metrics import table_metrics
 from orchestrator.report.plots import plot_deltas, plot_token_curves
 from orchestrator.report.tables import ComparisonTable, build_tables
 from orchestrator.spec import SweepSpec, expand, spec_hash
+from orchestrator.spec.controls import control_trials
 from orchestrator.store import ProjectPaths
 from trainer.contract import write_text_atomic
 
@@ -49,9 +50,9 @@ def build_report(spec: SweepSpec, *, output: Path | str | None = None, root: Pat
     if spec.search is not None:  # a tuned sweep compares each cell at its chosen settings
         tuned = tuned_trials(spec, sweep_output_dir(spec, paths), version)
         search = SearchOverview(spec.search, tuned.cells)
-        plans = tuned.final
+        plans = tuned.final + tuned.controls
     else:
-        plans = expand(spec, code_version=version)
+        plans = expand(spec, code_version=version) + control_trials(spec, version)
 
     collection = collect_outcomes(spec, plans, paths, version)
     tables = build_tables(spec, collection.outcomes, table_metrics(list(spec.report.metrics)))

@@ -59,7 +59,7 @@ def merge_outcome(plan: TrialPlan, run: MlflowRun | None, result: TrialResult | 
         run_id = run.run_id
     else:  # the run the trial logged to, as the ledger or the trainer recorded it
         run_id = (record.mlflow_run_id if record else None) or (result.mlflow_run_id if result else None)
-    base = dict(trial_id=plan.trial_id, cell=dict(plan.cell), seed=plan.seed, run_id=run_id,
+    base = dict(trial_id=plan.trial_id, cell=dict(plan.cell), seed=plan.seed, run_id=run_id, control=plan.control,
                 experiment_id=run.experiment_id if run else None,
                 # Trial ids hash the trainer code, so a trial of expand(spec) ran under the current version
                 # unless its run says otherwise.

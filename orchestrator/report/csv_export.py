@@ -68,10 +68,11 @@ def outcomes_csv(collection: Collection) -> str:
     axes = list(dict.fromkeys(axis for o in collection.outcomes for axis in o.cell))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["trial_id", *(f"cell.{a}" for a in axes), "seed", "state", "failure_class", "source",
+    writer.writerow(["trial_id", *(f"cell.{a}" for a in axes), "control", "seed", "state", "failure_class", "source",
                      "mlflow_run_id", "code_version", "borrowed_from_trial", *metric_names])
     for o in collection.outcomes:
-        writer.writerow([o.trial_id, *(o.cell.get(a, "") for a in axes), o.seed, o.state, o.failure_class or "",
+        writer.writerow([o.trial_id, *(o.cell.get(a, "") for a in axes), o.control or "", o.seed, o.state,
+                         o.failure_class or "",
                          o.source, o.run_id or "", o.code_version or "", o.stale_from or "",
                          *(repr(float(o.metrics[m])) if m in o.metrics else "" for m in metric_names)])
     return buffer.getvalue()

@@ -14,6 +14,7 @@ from orchestrator.report.markdown_table import INDICATIVE_NOTE, THROUGHPUT, tabl
 from orchestrator.report.metrics import COST, DESCRIPTIVE
 from orchestrator.report.outcome import Collection
 from orchestrator.report.tables import ComparisonTable
+from orchestrator.spec.schema import CONTROLS
 from orchestrator.spec.search import format_value
 
 if TYPE_CHECKING:
@@ -114,6 +115,26 @@ LEGEND = (
 )
 
 
+# What each control row is (report.controls; the trials: orchestrator/spec/controls.py).
+CONTROL_TEXT = {
+    CONTROLS["untrained"]: "the baseline's architecture at its random initialization (the first seed's, "
+                           "specialization none), no training step",
+    CONTROLS["pixels"]: "the normalized pixel patches themselves as the tokens (3·p² values per p×p patch, "
+                        "[CLS] their mean)",
+}
+
+
+def controls_markdown(tables: Sequence[ComparisonTable]) -> str | None:
+    """What the *(control)* rows are and which setup they measure; None when no table has one."""
+    labels = list(dict.fromkeys(row.control for table in tables for row in table.rows if row.is_control))
+    if not labels:
+        return None
+    baseline = ", ".join(f"{axis}=`{value}`" for axis, value in tables[0].baseline.items())
+    described = "; ".join(f"*{label}*: {CONTROL_TEXT.get(label, 'a reference trial')}" for label in labels)
+    return (f"**Controls.** Through the same probes, on the data and model size of the baseline cell ({baseline}): "
+            f"{described}. Each is one trial, shared through the trial store with every sweep on the same setup.")
+
+
 @dataclass
 class SearchOverview:
     """A tuned sweep's searches, for the report: the spec's `search:` and each cell's summary."""
@@ -187,6 +208,8 @@ def report_markdown(header: ReportHeader, collection: Collection, tables: Sequen
         lines += search_markdown(search)
     confidence = round((tables[0].confidence if tables else 0.95) * 100)
     lines += [LEGEND.format(conf=confidence), ""]
+    if (controls := controls_markdown(tables)) is not None:
+        lines += [controls, ""]
     for table in tables:
         lines += [f"## {escape_cell(table.title)}", ""]
         fixed = table.held_fixed

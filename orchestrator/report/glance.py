@@ -102,6 +102,34 @@ def _metric_sentence(metric: MetricSpec, found: list[Comparison], power: MetricP
     return f"{text}; {_power_phrase(metric, power)}."
 
 
+def controls_sentence(tables: Sequence[ComparisonTable]) -> str | None:
+    """`Controls (...): Seg. mIoU raw pixels 43.70%, untrained network 39.70% (reference 55.10%); ...`:
+    the floor under each quality metric beside the reference row; None without a finished control."""
+    table = tables[0] if tables else None
+    controls = [row for row in table.rows if row.is_control and row.done] if table else []
+    if not controls:
+        return None
+    reference = next((row for row in table.rows if row.is_reference and row.done), None)
+
+    def value(metric: MetricSpec, row_mean: float) -> str:
+        return fmt(metric.display(row_mean), metric.decimals) + metric.unit
+
+    parts = []
+    for metric in (m for m in table.metrics if m.kind == QUALITY):
+        found = [(row.control, row.cells[metric.name].summary.mean) for row in controls]
+        found = [(label, mean) for label, mean in found if mean is not None]
+        if not found:
+            continue
+        text = f"{metric.label} " + ", ".join(f"{label} {value(metric, mean)}" for label, mean in found)
+        ref_mean = reference.cells[metric.name].summary.mean if reference is not None else None
+        if ref_mean is not None:
+            text += f" (reference {value(metric, ref_mean)})"
+        parts.append(text)
+    if not parts:
+        return None
+    return "Controls, the floor under every number (the *(control)* rows): " + "; ".join(parts) + "."
+
+
 def at_a_glance(tables: Sequence[ComparisonTable], collection: Collection) -> str:
     """One paragraph from the numbers (over every distinct variant-vs-reference comparison)."""
     metrics = [m for m in (tables[0].metrics if tables else []) if m.kind == QUALITY]
@@ -133,6 +161,8 @@ def at_a_glance(tables: Sequence[ComparisonTable], collection: Collection) -> st
     elif metrics:
         sentences.append("No comparison has finished seeds in both a variant and its reference row yet, "
                          "so there are no deltas to summarize.")
+    if (floors := controls_sentence(tables)) is not None:
+        sentences.append(floors)
     counts = collection.counts()
     total = len(collection.outcomes)
     unfinished = total - counts.get("done", 0)

@@ -168,13 +168,17 @@ def unlogged(table: ComparisonTable, kind: str) -> list[MetricSpec]:
 
 def side_table(table: ComparisonTable, kind: str, notes: Footnotes) -> list[str]:
     """The rows' values of the `kind` columns (costs, with their change to the reference; or the
-    descriptive token columns) that some row logged; [] when there is none."""
+    descriptive token columns) that some row logged; [] when there is none. A control shows its
+    tokens where it has some (the untrained network's: what initialization gives) and no costs
+    (it trains nothing; the untrained network's size is the reference row's)."""
     missing = unlogged(table, kind)
     metrics = [m for m in table.metrics if m.kind == kind and m not in missing]
     if not metrics:
         return []
     rows = []
     for row in table.rows:
+        if row.is_control and (kind == COST or not any(row.cells[m.name].summary.n for m in metrics)):
+            continue
         cells = []
         for metric in metrics:
             value, _ = _missing_mark(table, row, metric, notes)

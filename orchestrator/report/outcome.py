@@ -23,6 +23,7 @@ class TrialOutcome:
     # Set when the numbers come from an identical config run under another trainer code version
     # (this trial itself has not run yet): the id of that older trial.
     stale_from: str | None = None
+    control: str | None = None  # a control trial's name (report.controls): a floor, in no comparison
 
     @property
     def has_metrics(self) -> bool:

@@ -139,7 +139,8 @@ def plot_token_curves(table: ComparisonTable, path: Path) -> Path | None:
                 xs = [b for b, y in enumerate(ys) if y is not None]
                 if xs:
                     ax.plot(xs, [ys[b] for b in xs], style, color=color, marker=".")
-            handles.append(Line2D([], [], color=color, label=row.key[0] + (" (ref.)" if row.is_reference else "")))
+            mark = " (control)" if row.is_control else (" (ref.)" if row.is_reference else "")
+            handles.append(Line2D([], [], color=color, label=row.key[0] + mark))
         handles += [Line2D([], [], color="black", linestyle="-", label="after norm1"),
                     Line2D([], [], color="black", linestyle="--", label="before norm1")]
         ax.axhline(0.0, color="black", linewidth=0.6)

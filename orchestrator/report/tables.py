@@ -25,6 +25,7 @@ from orchestrator.report.stats import (
     summarize,
 )
 from orchestrator.report.verdicts import Verdict, decide, holm
+from orchestrator.spec.schema import CONTROLS
 from orchestrator.stats.design import (
     CellKey,
     axis_values,
@@ -149,8 +150,8 @@ def add_control_row(table: ComparisonTable, label: str, outcomes: Sequence[Trial
 
     The hook for reference rows that are no cell of the sweep (an untrained network, raw pixels):
     whoever computes them adds them here; they join no comparison, so the verdicts stand as judged.
-    Nothing in the report computes them yet. `group`: the crossing's other axes it belongs to; by
-    default it stands for every group ("any").
+    `build_tables` adds the sweep's `report.controls` here. `group`: the crossing's other axes it
+    belongs to; by default it stands for every group ("any").
     """
     group = tuple(group) or ("any",) * (len(table.axes) - 1)
     row = Row(key=(label, *group), cell={}, group=group, outcomes=sorted(outcomes, key=lambda o: o.seed),
@@ -194,17 +195,26 @@ def fill_cells(table: ComparisonTable) -> None:
 def build_tables(spec: SweepSpec, outcomes: Sequence[TrialOutcome], metrics: list[MetricSpec],
                  confidence: float = DEFAULT_CONFIDENCE) -> list[ComparisonTable]:
     """One table per `report.compare` entry, each carrying the spec's target effects and SD priors,
-    its comparisons judged as one family across all tables."""
+    its comparisons judged as one family across all tables, then a row per control outcome's
+    control (report.controls): in a crossing, in the baseline's group, the setup it was run on."""
     values = axis_values(spec)
     baseline = resolve_baseline(spec)
     by_cell: dict[tuple, list[TrialOutcome]] = {}
+    by_control: dict[str, list[TrialOutcome]] = {}
     for outcome in outcomes:
-        by_cell.setdefault(cell_key(outcome.cell), []).append(outcome)
+        if outcome.control is not None:
+            by_control.setdefault(outcome.control, []).append(outcome)
+        else:
+            by_cell.setdefault(cell_key(outcome.cell), []).append(outcome)
     tables = [build_table(axes, values, baseline, by_cell, metrics, confidence) for axes in compare_entries(spec)]
     for table in tables:
         table.target_effects = dict(spec.report.target_effects)
         table.paired_sd = dict(spec.report.paired_sd)
     judge(tables)
+    for table in tables:  # after the verdicts: a control joins no comparison
+        for control, control_outcomes in by_control.items():
+            add_control_row(table, CONTROLS.get(control, control), control_outcomes,
+                            tuple(baseline[axis] for axis in table.axes[1:]))
     return tables
 
 

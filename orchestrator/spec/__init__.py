@@ -27,6 +27,8 @@ The package, in the order a spec goes through it:
     validation.py   the whole spec checked (axes.py: axes and cells; sections.py: backend with the
                     Slurm profile (profiles.py), tracking, report, search (search.py))
     expansion.py    resolution (once, during validation), cells, expand, spec_hash
+    controls.py     the report's controls as trials, derived from the baseline cell (imported
+                    from orchestrator.spec.controls: it reads the baseline rule of orchestrator.stats)
     schema.py       the models a checked spec is made of; problems.py: SpecError and the wording
                     of problems; trial_keys.py: the trial schema as a spec sees it
 """

@@ -159,8 +159,9 @@ def _build_trials(
 def spec_hash(spec: SweepSpec) -> str:
     """16 hex chars over what decides the trials: the resolved base and axis values, cells and seeds.
 
-    Backend, tracking, report, name and description are left out (they change where and how trials
-    run or are shown, not what they compute); spelling differences that resolve equal hash equal.
+    Backend, tracking, report (but its controls), name and description are left out (they change
+    where and how trials run or are shown, not what they compute); spelling differences that
+    resolve equal hash equal.
     """
     resolved = spec.resolution
     base = {k: v for k, v in resolved.base_dump.items() if k not in NON_IDENTITY_KEYS}
@@ -176,4 +177,6 @@ def spec_hash(spec: SweepSpec) -> str:
     }
     if spec.search is not None:  # what is searched, and how, decides which trials run
         content["search"] = spec.search.model_dump(mode="json")
+    if spec.report.controls:  # the one report setting that adds trials (spec/controls.py)
+        content["controls"] = list(spec.report.controls)
     return sha256(identity.canonical_json(content).encode()).hexdigest()[:16]

@@ -20,6 +20,9 @@ from orchestrator.spec.search import SearchSpec, params_label
 ExpandMode = Literal["grid", "zip", "one_at_a_time"]
 EXPAND_MODES = get_args(ExpandMode)
 DEFAULT_METRICS = ["linear_top1_cls", "knn_top1", "seg_miou", "depth_rmse"]
+# The report's floors (`report.controls`, built by spec/controls.py): name -> its row's label.
+ControlName = Literal["untrained", "pixels"]
+CONTROLS: dict[str, str] = {"untrained": "untrained network", "pixels": "raw pixels"}
 
 
 class Axis(Frozen):
@@ -137,6 +140,10 @@ class ReportSpec(Frozen):
     paired_sd: dict[str, float] = Field(
         default_factory=dict, description="metric -> a prior SD of the per-seed paired difference, for `plan`'s "
         "power before any trial of the sweep has finished")
+    controls: list[ControlName] = Field(
+        default_factory=list, description="reference rows every table shows, trials run once per data setup and "
+        "shared across sweeps: untrained (the baseline's architecture at its initialization), pixels (the raw "
+        "pixel patches as features)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,9 +207,13 @@ class TrialPlan:
     config: dict[str, Any]  # resolved TrialConfig dump with the seed set; `tracking` left default
     # Tuned sweeps: the searched settings (dotted key -> value) this trial runs with; None otherwise.
     params: dict[str, Any] | None = None
+    # A control trial (a name of CONTROLS; `cell` is then empty): a floor of the report, never compared.
+    control: str | None = None
 
     @property
     def label(self) -> str:
+        if self.control is not None:
+            return f"control={self.control} seed={self.seed}"
         label = cell_label(self.cell, self.seed)
         return f"{label} {params_label(self.params)}" if self.params else label
 

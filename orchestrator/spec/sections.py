@@ -20,6 +20,7 @@ from orchestrator.spec.schema import (
     BACKEND_KINDS,
     BACKEND_OPTIONS,
     BACKEND_SPECS,
+    CONTROLS,
     DEFAULT_METRICS,
     Axis,
     BackendSpec,
@@ -164,7 +165,30 @@ def parse_report(
     per_metric = {key: _per_metric_numbers(raw.get(key), path + (key,), metrics, problems)
                   for key in ("target_effects", "paired_sd")}
     return ReportSpec(compare=checked, metrics=metrics, baseline=report_baseline or baseline,
-                      output=Path(output) if output else None, **per_metric)
+                      output=Path(output) if output else None, controls=_controls(raw.get("controls"), problems),
+                      **per_metric)
+
+
+def _controls(raw: Any, problems: Problems) -> list[str]:
+    """`report.controls`: a list of distinct names of CONTROLS; bad entries are dropped."""
+    path = ("report", "controls")
+    menu = ", ".join(f"{name} ({label})" for name, label in CONTROLS.items())
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        problems.add(path, f"expected a list of control names, e.g. [{', '.join(CONTROLS)}]; controls: {menu}")
+        return []
+    out: list[str] = []
+    for i, name in enumerate(raw):
+        if not isinstance(name, str) or name not in CONTROLS:
+            close = difflib.get_close_matches(str(name), CONTROLS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.add(path + (str(i),), f"unknown control {name!r}; {hint}controls: {menu}")
+        elif name in out:
+            problems.add(path + (str(i),), f"{name!r} is listed twice; list each control once")
+        else:
+            out.append(name)
+    return out
 
 
 def _per_metric_numbers(raw: Any, path: KeyPath, metrics: list[str], problems: Problems) -> dict[str, float]:

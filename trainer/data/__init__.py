@@ -7,12 +7,13 @@ Every dataset yields *sample dicts* with one contract, so the transforms need no
     depth         float32 HxW, 0 = invalid                  (scenes: 1.0 = background)
 
 Public entry points (used by the training loop and the evaluations):
-    build_train_dataset(cfg)  -> augmented, resumable training set (`set_epoch`)
+    build_train_dataset(cfg)  -> augmented, resumable training set; batch it with `collate_fn=dataset.collate`
     collate_multicrop(items)  -> DINOv2 batches
     build_eval_datasets(cfg)  -> EvalData with (train, val) pairs per probe task
     num_classes(cfg), resolve_img_size(cfg), resolve_patch_size(cfg), resolve_local_crop_size(cfg)
 """
 
+from trainer.data.batch_augment import BatchMultiCropTransform, BatchSupervisedTransform, BatchTrainDataset
 from trainer.data.build import (
     EvalData,
     build_eval_datasets,
@@ -42,6 +43,9 @@ from trainer.data.transforms import (
 )
 
 __all__ = [
+    "BatchMultiCropTransform",
+    "BatchSupervisedTransform",
+    "BatchTrainDataset",
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

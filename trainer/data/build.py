@@ -14,6 +14,12 @@ from typing import TYPE_CHECKING, Callable, Literal
 import torch
 from torch.utils.data import Dataset, Subset
 
+from trainer.data.batch_augment import (
+    BatchMultiCropTransform,
+    BatchSupervisedTransform,
+    BatchTrainDataset,
+    BatchTransform,
+)
 from trainer.data.folders import (
     IGNORE_INDEX,
     SEGMENTATION_CLASSES,
@@ -23,7 +29,7 @@ from trainer.data.folders import (
     classification_classes,
 )
 from trainer.data.scenes import BACKGROUND_DEPTH, ScenesDataset, derive_seed, scenes_split
-from trainer.data.transforms import EvalDataset, EvalTransform, MultiCropTransform, SupervisedTransform, TrainDataset
+from trainer.data.transforms import EvalDataset, EvalTransform
 from trainer.scales import SCALES
 
 if TYPE_CHECKING:
@@ -106,13 +112,15 @@ def num_classes(cfg: "TrialConfig") -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_train_dataset(cfg: "TrialConfig") -> TrainDataset:
-    """The augmented training set for cfg.framework; call `.set_epoch(epoch)` every epoch.
+def build_train_dataset(cfg: "TrialConfig") -> BatchTrainDataset:
+    """The augmented training set for cfg.framework, augmented batch by batch (`BatchTrainDataset`):
+    build its DataLoader with `collate_fn=dataset.collate` and `(epoch, index)` keys.
 
-    supervised items: (image float 3xSxS normalized, label long scalar);
-    dinov2 items: dict(global_crops=[t, t], local_crops=[t, ...]) (batch with `collate_multicrop`).
-    Augmentations are seeded from (cfg.seed, epoch, index); the scenes content from
-    cfg.data.scenes.seed, so changing the trial seed never changes the data itself.
+    supervised batches: (images float [B, 3, S, S] normalized, labels long [B]);
+    dinov2 batches: dict(global_crops [2B, ...], local_crops [L*B, ...] or None, batch_size B).
+    dataset[key] is one item as the per-sample transforms give it. Augmentations are seeded from
+    (cfg.seed, epoch, index); the scenes content from cfg.data.scenes.seed, so changing the trial
+    seed never changes the data itself.
     """
     img_size = resolve_img_size(cfg)
     scenes = cfg.data.dataset == "scenes"
@@ -123,15 +131,15 @@ def build_train_dataset(cfg: "TrialConfig") -> TrainDataset:
     base, _ = split_train(base, cfg.data.val_fraction)  # the validation images are never trained on
 
     if cfg.framework == "supervised":
-        transform = SupervisedTransform(img_size, three_augment=cfg.supervised.three_augment,
-                                        relabel_from_segmentation=scenes)
+        transform: BatchTransform = BatchSupervisedTransform(img_size, three_augment=cfg.supervised.three_augment,
+                                                             relabel_from_segmentation=scenes)
     elif cfg.framework == "dinov2":
         d = cfg.dinov2
-        transform = MultiCropTransform(img_size, resolve_local_crop_size(cfg), d.local_crops,
-                                       global_scale=d.global_crop_scale, local_scale=d.local_crop_scale)
+        transform = BatchMultiCropTransform(img_size, resolve_local_crop_size(cfg), d.local_crops,
+                                            global_scale=d.global_crop_scale, local_scale=d.local_crop_scale)
     else:
         raise ValueError(f"unknown framework {cfg.framework!r}")
-    return TrainDataset(base, transform, seed=cfg.seed)
+    return BatchTrainDataset(base, transform, seed=cfg.seed)
 
 
 # ----------------------------------------------------------------------------------------------

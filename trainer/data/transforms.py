@@ -7,7 +7,11 @@ geometric transforms as the image, with NEAREST interpolation, and leaves them o
 ones and normalization.
 
 All randomness comes from torch's global CPU generator; `TrainDataset` seeds it per sample from
-(seed, epoch, index) inside `fork_rng`, so a resumed run sees identical batches.
+(seed, epoch, index) inside `fork_rng`, so a resumed run sees identical batches. Training itself
+uses the batch versions of `SupervisedTransform` and `MultiCropTransform` (batch_augment.py), which
+draw each sample's parameters from those seeds and transform whole batches at once; these
+per-sample versions stay as their reference (tests/test_batch_augment.py compares the
+distributions, benchmarks/augment_overhead.py the cost).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 
@@ -33,11 +37,15 @@ def normalize() -> v2.Compose:
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def blur_kernel_and_sigma(size: int) -> tuple[int, tuple[float, float]]:
+    """DINOv2/DeiT blur (sigma 0.1-2, kernel 9 at 224 px), shrunk proportionally for small crops:
+    (odd kernel size, sigma range)."""
+    return max(3, int(round(9 * size / 224)) | 1), (0.1, max(1.0, 2.0 * size / 224))
+
+
 def gaussian_blur(size: int, p: float) -> v2.Transform:
-    """DINOv2/DeiT blur (sigma 0.1-2, kernel 9 at 224 px), shrunk proportionally for small crops."""
-    kernel = max(3, int(round(9 * size / 224)) | 1)
-    sigma_max = max(1.0, 2.0 * size / 224)
-    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, sigma_max))], p=p)
+    kernel, sigma = blur_kernel_and_sigma(size)
+    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma)], p=p)
 
 
 def default_crop_scale(img_size: int) -> tuple[float, float]:
@@ -173,6 +181,22 @@ class EvalTransform:
             steps = [v2.Resize(int(round(img_size * resize_ratio)), interpolation=BICUBIC, antialias=True),
                      v2.CenterCrop(img_size)]
         self.transform = v2.Compose([*steps, normalize()])
+        self.geometric = bool(steps)
+
+    def batch(self, samples: Sequence[dict[str, Any]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The items of `samples`, as `__call__` gives them. Without geometry (the scenes), the same
+        normalization runs once on the stacked images: per sample, torchvision's dispatch cost more
+        than the arithmetic (about 2 s of a default-sweep trial's 9 s of evaluation)."""
+        sizes = {tuple(s["image"].shape) for s in samples}
+        if self.geometric or len(sizes) != 1:
+            return [self(s) for s in samples]
+        images = self.transform(tv_tensors.Image(torch.stack([s["image"] for s in samples])))
+        return [(image, target) for image, target in zip(_plain(images), map(self._target, samples))]
+
+    def _target(self, sample: dict[str, Any]) -> torch.Tensor:
+        if self.target == "label":
+            return torch.tensor(sample["label"], dtype=torch.long)
+        return sample[self.target].to(torch.long if self.target == "segmentation" else torch.float32)
 
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         keep = {"image": sample["image"]}
@@ -209,6 +233,11 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def augment_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one training sample's augmentation: a pure function of (trial seed, epoch, index)."""
+    return derive_seed("augment", int(seed), int(epoch), int(index))
+
+
 class TrainDataset(Dataset):
     """Applies a random transform whose randomness is a pure function of (seed, epoch, index).
 
@@ -216,12 +245,18 @@ class TrainDataset(Dataset):
     depends on nor disturbs the caller's random state, and a run resumed mid-epoch reproduces the
     same samples. A key is an index (at the epoch `set_epoch` chose) or an `(epoch, index)` pair:
     the pairs let one DataLoader, and its workers, serve every epoch of a run (workers hold a copy
-    of the dataset, so they would never see a later `set_epoch`).
+    of the dataset, so they would never see a later `set_epoch`). Batch items with `collate`
+    (`collate_multicrop` for multi-crop items, else torch's default).
     """
 
-    def __init__(self, base: Dataset, transform: Callable[[dict], Any], seed: int):
-        self.base, self.transform, self.seed = base, transform, seed
+    def __init__(self, base: Dataset, transform: Callable[[dict], Any], seed: int,
+                 collate: Callable[[Sequence[Any]], Any] = default_collate):
+        self.base, self.transform, self.seed, self._collate = base, transform, seed, collate
         self.epoch = 0
+
+    def collate(self, items: Sequence[Any]) -> Any:
+        """The DataLoader's `collate_fn`: a batch from a list of items."""
+        return self._collate(items)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -229,12 +264,17 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+    def sample_seed(self, key: int | tuple[int, int]) -> tuple[int, int]:
+        """(index, augmentation seed) of a key."""
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        return int(index), augment_seed(self.seed, epoch, index)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        index, seed = self.sample_seed(key)
         sample = self.base[index]
         with single_threaded(), torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed would also reseed (and so disturb) CUDA's.
-            torch.default_generator.manual_seed(derive_seed("augment", self.seed, int(epoch), int(index)))
+            torch.default_generator.manual_seed(seed)
             return self.transform(sample)
 
 
@@ -251,3 +291,11 @@ class EvalDataset(Dataset):
         sample = self.base[index]
         with single_threaded():
             return self.transform(sample)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """A DataLoader's batched fetch: one normalization for the batch where the transform can."""
+        if not isinstance(self.transform, EvalTransform):
+            return [self[i] for i in indices]
+        samples = [self.base[i] for i in indices]
+        with single_threaded():
+            return self.transform.batch(samples)

@@ -31,8 +31,9 @@ from torch.utils.data import Dataset
 from trainer.config import EvaluationConfig
 from trainer.evaluation.classification import knn_top1, linear_probe_top1
 from trainer.evaluation.depth import depth_probe
-from trainer.evaluation.features import FeatureCache, Features, extract_features
+from trainer.evaluation.features import FeatureCache, Features, TokenFn, backbone_tokens, extract_features
 from trainer.evaluation.metrics import IGNORE_INDEX
+from trainer.evaluation.pixels import pixel_tokens
 from trainer.evaluation.segmentation import infer_num_classes, segmentation_probe
 from trainer.evaluation.token_interaction import (
     TokenInteraction,
@@ -62,12 +63,14 @@ def evaluate(
     """Runs every enabled evaluation whose data exists; returns the flat metrics.
 
     Writes `out_dir/token_interaction.png` (and `.json`: the raw per-block curves and magnitudes)
-    when the token analysis runs. `batch_size`/`num_workers`: feature extraction's loader. `amp`:
-    bf16 autocast for extraction on CUDA. Pass the bare backbone (not a DDP wrapper); its train/eval
-    mode is restored on return.
+    when the token analysis runs. `cfg.features` pixels probes the raw pixel patches instead of the
+    backbone's tokens (the backbone gives only its patch size) and skips the token analysis.
+    `batch_size`/`num_workers`: feature extraction's loader. `amp`: bf16 autocast for extraction on
+    CUDA. Pass the bare backbone (not a DDP wrapper); its train/eval mode is restored on return.
     """
     device = torch.device(device)
-    run = _Run(backbone, eval_data, cfg, device, Path(out_dir), batch_size, num_workers, amp, FeatureCache())
+    tokens = pixel_tokens if cfg.features == "pixels" else backbone_tokens
+    run = _Run(backbone, eval_data, cfg, device, Path(out_dir), batch_size, num_workers, amp, FeatureCache(), tokens)
     was_training = backbone.training
     backbone.eval()
     cuda_devices = []
@@ -117,6 +120,7 @@ class _Run:
     num_workers: int
     amp: bool
     cache: FeatureCache  # one for all tasks: when they share images (scenes), the backbone runs once
+    tokens: TokenFn  # what the probes read of an image batch: the backbone's tokens or the raw pixels
 
     @property
     def probe_args(self) -> dict[str, Any]:
@@ -124,7 +128,7 @@ class _Run:
 
     def features(self, pair: tuple[Dataset, Dataset], dense: bool) -> tuple[Features, Features]:
         args = dict(device=self.device, dense=dense, batch_size=self.batch_size, num_workers=self.num_workers,
-                    amp=self.amp, seed=EVAL_SEED, cache=self.cache)
+                    amp=self.amp, seed=EVAL_SEED, cache=self.cache, tokens=self.tokens)
         return (extract_features(self.backbone, pair[0], max_samples=self.cfg.max_train_samples, **args),
                 extract_features(self.backbone, pair[1], max_samples=self.cfg.max_val_samples, **args))
 
@@ -175,7 +179,7 @@ class _Run:
             return depth_probe(train.patch_grid, train.targets, val.patch_grid, val.targets, **self.probe_args)
 
     def token_interaction(self) -> dict[str, float]:
-        if not self.cfg.token_interaction:
+        if not self.cfg.token_interaction or self.cfg.features == "pixels":  # pixels have no blocks to analyse
             return {}
         pairs = [_split_pair(self.eval_data, name) for name in ("classification", "segmentation", "depth")]
         val = next((pair[1] for pair in pairs if pair is not None), None)

@@ -52,6 +52,10 @@ def _compact(targets: Tensor) -> Tensor:
     return targets
 
 
+# (backbone, images) -> ([CLS] B x C, patch grid B x C x h x w): what the probes read of an image batch.
+TokenFn = Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]
+
+
 def backbone_tokens(backbone: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
     """([CLS] B x C, patch grid B x C x h x w), both after the final norm."""
     last = len(backbone.blocks) - 1
@@ -108,10 +112,12 @@ def extract_features(
     amp: bool = True,
     seed: int = 0,
     cache: FeatureCache | None = None,
+    tokens: TokenFn = backbone_tokens,
 ) -> Features:
     """Runs the frozen backbone over (a fixed subset of) `dataset`; features land on the CPU in fp32.
 
-    `amp` uses bf16 autocast on CUDA only. The caller puts the backbone in eval mode.
+    `amp` uses bf16 autocast on CUDA only. The caller puts the backbone in eval mode. `tokens`:
+    what is read of each batch (default: the backbone's final tokens; the pixel control's patches).
     """
     device = torch.device(device)
     indices = subset_indices(len(dataset), max_samples, seed)
@@ -129,7 +135,7 @@ def extract_features(
             grid = source.patch_grid[start:stop] if dense else None
         else:
             with torch.inference_mode(), _autocast(device, amp):
-                cls, grid = backbone_tokens(backbone, images.to(device, non_blocking=True))
+                cls, grid = tokens(backbone, images.to(device, non_blocking=True))
             # Cloned outside inference mode: inference tensors cannot be saved for a probe's backward.
             cls, mean = cls.float().cpu().clone(), grid.float().mean(dim=(2, 3)).cpu().clone()
             grid = grid.float().cpu().clone() if dense else None

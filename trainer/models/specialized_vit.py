@@ -82,21 +82,28 @@ class SpecializedVisionTransformer(VisionTransformer):
         super().__init__(block_fn=block_fn, **kwargs)
 
         self.specialization = spec
-        absent = sorted({c for blk in self.blocks for c in blk.absent})
-        if absent:
-            warnings.warn(
-                f"specialization {spec}: the model has no {', '.join(absent)} layers (LayerScale needs "
-                "init_values), so those components stay absent, not specialized",
-                stacklevel=2,
-            )
-        self.absent_components = tuple(absent)
-        self.registers_follow = registers_follow
-        self.num_specialized_prefix_tokens = num_specialized_prefix
+        absent = {c for blk in self.blocks for c in blk.absent}
         if spec.final_norm:
+            # With avg/max pooling timm replaces the per-token final norm by `fc_norm`, which
+            # normalizes one pooled vector of patch tokens: no [CLS] row goes through it, so there is
+            # nothing to split. Absent, like a LayerScale the model was built without.
             replacement = specialize_module(self.norm, num_specialized_prefix)
             if replacement is None:
-                raise ValueError("cannot specialize final_norm: this model has no final norm (fc_norm pooling)")
-            self.norm = replacement
+                absent.add("final_norm")
+            else:
+                self.norm = replacement
+        if absent:
+            why = [] if absent <= {"final_norm"} else ["LayerScale needs init_values"]
+            if "final_norm" in absent:
+                why.append("avg/max pooling has no per-token final norm, only fc_norm on the pooled patch tokens")
+            warnings.warn(
+                f"specialization {spec}: the model has no {', '.join(sorted(absent))} layers ({'; '.join(why)}), "
+                "so those components stay absent, not specialized",
+                stacklevel=2,
+            )
+        self.absent_components = tuple(sorted(absent))
+        self.registers_follow = registers_follow
+        self.num_specialized_prefix_tokens = num_specialized_prefix
 
 
 def _create_specialized_vit(variant: str, pretrained: bool = False, **kwargs: Any) -> SpecializedVisionTransformer:
