@@ -193,20 +193,19 @@ class EvalTransform:
         images = self.transform(tv_tensors.Image(torch.stack([s["image"] for s in samples])))
         return [(image, target) for image, target in zip(_plain(images), map(self._target, samples))]
 
-    def _target(self, sample: dict[str, Any]) -> torch.Tensor:
+    def _target(self, sample: dict[str, Any], label_map: torch.Tensor | None = None) -> torch.Tensor:
+        """The sample's target; `label_map`: its segmentation/depth after the geometry, if any."""
         if self.target == "label":
             return torch.tensor(sample["label"], dtype=torch.long)
-        return sample[self.target].to(torch.long if self.target == "segmentation" else torch.float32)
+        value = sample[self.target] if label_map is None else _plain(label_map)
+        return value.to(torch.long if self.target == "segmentation" else torch.float32)
 
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         keep = {"image": sample["image"]}
         if self.target != "label":
             keep[self.target] = sample[self.target]
         out = self.transform(_wrap(keep))
-        if self.target == "label":
-            return _plain(out["image"]), torch.tensor(sample["label"], dtype=torch.long)
-        dtype = torch.long if self.target == "segmentation" else torch.float32
-        return _plain(out["image"]), _plain(out[self.target]).to(dtype)
+        return _plain(out["image"]), self._target(sample, out.get(self.target))
 
 
 # ----------------------------------------------------------------------------------------------
