@@ -22,8 +22,8 @@ from orchestrator.ledger import Ledger, TrialRecord
 from orchestrator.mlflow_store import final_metrics
 from orchestrator.search.scheduler import CellTrials, cell_trials, final_trials, open_studies
 from orchestrator.search.study import JOURNAL_FILE, CellSummary, journal_storage
-from orchestrator.spec import SlurmBackendSpec, SweepSpec, TrialPlan, expand
-from orchestrator.spec.controls import control_trials
+from orchestrator.spec import SlurmBackendSpec, SweepSpec, TrialPlan
+from orchestrator.spec.controls import control_trials, plain_sweep_trials
 from orchestrator.spec.profiles import DEFAULT_UTILISATION, GPU_PEAK_TFLOPS, DeviceSpec
 from orchestrator.stats.design import CellKey, cell_key, compared_pairs
 from orchestrator.stats.power import MetricPower, metric_power, pooled_paired_sd
@@ -107,7 +107,7 @@ def planned_trials(spec: SweepSpec, paths: ProjectPaths, code_version: str) -> l
     far plus each cell's final trials (at its chosen settings once its search is over); then the
     report's controls (spec/controls.py)."""
     if spec.search is None:
-        return unique_by_id([*expand(spec, code_version=code_version), *control_trials(spec, code_version)])
+        return unique_by_id(plain_sweep_trials(spec, code_version))
     return tuned_trials(spec, sweep_output_dir(spec, paths), code_version).trials
 
 

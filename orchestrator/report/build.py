@@ -18,8 +18,8 @@ from orchestrator.report.format import DEFAULT_UI_BASE
 from orchestrator.report.metrics import table_metrics
 from orchestrator.report.plots import plot_deltas, plot_token_curves
 from orchestrator.report.tables import ComparisonTable, build_tables
-from orchestrator.spec import SweepSpec, expand, spec_hash
-from orchestrator.spec.controls import control_trials
+from orchestrator.spec import SweepSpec, spec_hash
+from orchestrator.spec.controls import plain_sweep_trials
 from orchestrator.store import ProjectPaths
 from trainer.contract import write_text_atomic
 
@@ -52,7 +52,7 @@ def build_report(spec: SweepSpec, *, output: Path | str | None = None, root: Pat
         search = SearchOverview(spec.search, tuned.cells)
         plans = tuned.final + tuned.controls
     else:
-        plans = expand(spec, code_version=version) + control_trials(spec, version)
+        plans = plain_sweep_trials(spec, version)
 
     collection = collect_outcomes(spec, plans, paths, version)
     tables = build_tables(spec, collection.outcomes, table_metrics(list(spec.report.metrics)))

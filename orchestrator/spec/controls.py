@@ -15,6 +15,7 @@ import copy
 from typing import Any
 
 from orchestrator import identity
+from orchestrator.spec.expansion import expand
 from orchestrator.spec.problems import SpecError
 from orchestrator.spec.schema import SweepSpec, TrialPlan
 from orchestrator.spec.trial_keys import set_leaf, validate_trial
@@ -100,3 +101,8 @@ def control_trials(spec: SweepSpec, code_version: str | None = None) -> list[Tri
         plans.append(TrialPlan(trial_id=identity.trial_id(dump, version), cell={}, seed=config.seed,
                                config=dump, control=control))
     return plans
+
+
+def plain_sweep_trials(spec: SweepSpec, code_version: str | None = None) -> list[TrialPlan]:
+    """What a sweep without a search asks for: its expanded cells, then the report's controls."""
+    return [*expand(spec, code_version=code_version), *control_trials(spec, code_version)]
