@@ -4,6 +4,8 @@ their cost, and how far each cell's search got. Rendering only: what to show com
 
 from __future__ import annotations
 
+from collections import Counter
+
 from pathlib import Path
 
 from rich.console import Group
@@ -78,6 +80,8 @@ def plan_view(spec: SweepSpec, trials: list[TrialPlan], diff: PlanDiff, ledger: 
         table.add_row(escape(record.label if record else ""), trial_id, "gone", styled(record.state if record else "?"),
                       *[""] * (len(columns) - 4))
     lines: list[Table | Text] = [table, Text(remaining_line(spec, remaining, bases, on_gpu))]
+    if recipes := recipe_line(trials):
+        lines.append(Text(recipes))
     if spec.search is not None:
         cells = len({tuple(t.cell.values()) for t in trials if t.control is None})
         lines.append(Text(f"search: up to {spec.search.budget()} {spec.search.sampler} trials in each of {cells} cells "
@@ -142,6 +146,16 @@ def _seeds_text(power: MetricPower) -> str:
     if needed is None:
         return "?" if power.sd is None else f"> {MAX_SEEDS}"
     return str(needed)
+
+
+def recipe_line(trials: list[TrialPlan]) -> str:
+    """`recipes: dinov2 (2 trials), none (2 trials)`: which official recipe each trial's defaults
+    come from (trainer/recipes.py); empty when no trial names one."""
+    counts = Counter(str(t.config.get("recipe", "none")) for t in trials if t.control is None)
+    if set(counts) <= {"none"}:
+        return ""
+    return "recipes: " + ", ".join(f"{name} ({n} trial{'s' * (n != 1)})" for name, n in sorted(counts.items())) + \
+        " (defaults from trainer/recipes.py; README: recipe card)"
 
 
 def remaining_line(spec: SweepSpec, remaining: dict[str, float], bases: set[str], on_gpu: bool) -> str:

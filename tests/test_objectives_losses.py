@@ -17,7 +17,7 @@ from trainer.objectives.losses import (
     iBOTPatchLoss,
     sinkhorn_knopp,
 )
-from trainer.objectives.schedules import cosine_schedule, set_optimizer_values, teacher_momentum, teacher_temperature
+from trainer.objectives.schedules import apply_optimizer_schedule, cosine_schedule, teacher_momentum, teacher_temperature
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -49,15 +49,19 @@ def test_teacher_temperature_and_momentum():
     assert teacher_momentum(100, 100, 0.99) == pytest.approx(1.0)
 
 
-def test_set_optimizer_values_leaves_no_decay_group_alone():
-    w, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+def test_apply_optimizer_schedule_scales_each_group_by_its_multipliers():
+    w, b, proto = (torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2)),
+                   torch.nn.Parameter(torch.ones(2, 2)))
     opt = torch.optim.AdamW([
-        dict(params=[w], weight_decay=0.05, apply_weight_decay=True),
-        dict(params=[b], weight_decay=0.0, apply_weight_decay=False),
+        dict(params=[w], lr_multiplier=0.9, wd_multiplier=1.0, is_last_layer=False),
+        dict(params=[b], lr_multiplier=1.0, wd_multiplier=0.0, is_last_layer=False),
+        dict(params=[proto], lr_multiplier=1.0, wd_multiplier=1.0, is_last_layer=True),
     ])
-    set_optimizer_values(opt, lr=0.5, weight_decay=0.2)
-    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5]
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
+    apply_optimizer_schedule(opt, lr=0.5, weight_decay=0.2, last_layer_lr=0.0)
+    assert [g["lr"] for g in opt.param_groups] == [0.45, 0.5, 0.0]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0, 0.2]
+    apply_optimizer_schedule(opt, lr=0.5, weight_decay=0.2)  # no freeze: the prototypes follow the lr
+    assert opt.param_groups[2]["lr"] == 0.5
 
 
 # --- teacher targets ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import timm
 import torch
 
 from trainer.config import TrialConfig
-from trainer.objectives import DINOv2MetaArch, SupervisedMetaArch, build_meta_arch
+from trainer.objectives import DINOv2MetaArch, SupervisedMetaArch, apply_optimizer_schedule, build_meta_arch
 from trainer.objectives.dinov2 import block_mask, sample_masks
 
 B = 4
@@ -43,7 +43,9 @@ def dinov2_batch(seed: int = 0) -> dict:
 
 
 def adamw(meta_arch, lr=1e-3):
-    return torch.optim.AdamW(meta_arch.trainable_parameters_groups(0.05), lr=lr)
+    optimizer = torch.optim.AdamW(meta_arch.trainable_parameters_groups(), lr=lr)
+    apply_optimizer_schedule(optimizer, lr, weight_decay=0.05)
+    return optimizer
 
 
 # --- supervised --------------------------------------------------------------------------------
@@ -71,10 +73,11 @@ def test_supervised_fits_a_fixed_batch(loss):
 
 def test_parameter_groups_exclude_norms_biases_and_tokens_from_weight_decay():
     meta_arch = build_meta_arch(TrialConfig(), tiny_vit, NUM_CLASSES, TOTAL_STEPS)
-    groups = meta_arch.trainable_parameters_groups(0.05)
+    groups = meta_arch.trainable_parameters_groups()
+    assert len(groups) == 2 and {g["lr_multiplier"] for g in groups} == {1.0}
     names = {id(p): n for n, p in meta_arch.named_parameters()}
-    by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in groups}
-    decayed, not_decayed = by_decay[0.05], by_decay[0.0]
+    by_decay = {g["wd_multiplier"]: {names[id(p)] for p in g["params"]} for g in groups}
+    decayed, not_decayed = by_decay[1.0], by_decay[0.0]
     assert {"backbone.blocks.0.attn.qkv.weight", "backbone.blocks.0.mlp.fc1.weight", "backbone.head.weight",
             "backbone.patch_embed.proj.weight"} <= decayed
     assert {"backbone.cls_token", "backbone.pos_embed", "backbone.blocks.0.norm1.weight",

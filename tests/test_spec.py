@@ -367,6 +367,25 @@ def test_shipped_sweeps_load_and_expand(path):
         assert spec.backend.kind == "local" and spec.backend.max_parallel == 2
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps" / "paper").glob("*.yaml")), ids=lambda p: p.stem)
+def test_paper_sweeps_train_dinov2_with_its_official_recipe(path):
+    from orchestrator.views import recipe_line
+
+    trials = expand(load_spec(path), VERSION)
+    dinov2 = [t.config for t in trials if t.config["framework"] == "dinov2"]
+    assert dinov2
+    for config in dinov2:
+        opt = config["optimizer"]
+        assert config["recipe"] == "dinov2" and config["schedule"]["batch_size"] == 1024
+        assert (opt["lr"], opt["lr_scaling"], opt["layer_decay"], opt["patch_embed_lr_mult"]) == (
+            4e-3, "sqrt_wrt_1024", 0.9, 0.2)
+        assert (opt["weight_decay"], opt["weight_decay_end"], opt["no_weight_decay"], opt["freeze_last_layer_steps"]) == (
+            0.04, 0.4, "dinov2", 1250)
+        assert config["model"]["drop_path_uniform"] and not config["dinov2"]["separate_ibot_head"]
+        assert (config["schedule"]["steps"], config["schedule"]["warmup_steps"]) == (125000, 12500)
+    assert "recipes: dinov2" in recipe_line(trials)
+
+
 def test_default_sweep_trades_arms_for_seeds_and_the_broad_comparison_has_its_own_spec():
     spec = load_spec(REPO / "sweeps" / "component_ablation.yaml")
     assert spec.axis("specialization").value_names == ["none", "norms", "qkv", "paper", "all", "matched"]

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
+from trainer.recipes import RecipeName, recipe_conflict, with_recipe
 from trainer.scales import SCALES
 from trainer.path_checks import file_problem, folder_problem, tracking_uri_problem
 from trainer.specialization import Specialization
@@ -58,6 +59,8 @@ class ModelConfig(Section):
     img_size: Int | None = Field(None, gt=0, description="default: the scale's (32 micro, 224 otherwise)")
     patch_size: Int | None = Field(None, gt=0, description="default: the scale's")
     drop_path_rate: Float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path_uniform: Bool = Field(False, description=(
+        "every block drops at drop_path_rate (DINOv2, DeiT-III); false: timm's ramp from 0 to it"))
     layer_scale_init: Float | None = Field(1e-4, description="LayerScale init value; null disables LayerScale")
     pretrained: Path | None = Field(None, description="vanilla timm checkpoint (.pth/.safetensors) to specialize")
     resample_pretrained: bool = Field(False, description=(
@@ -159,6 +162,9 @@ class ScheduleConfig(Section):
     steps: Int = Field(300, ge=0, description="training steps; 0: evaluate the initial model (a control)")
     batch_size: Int = Field(64, gt=0, description="global batch size, split across processes")
     warmup_steps: Int = Field(30, ge=0)
+    warmup_form: Literal["trainer", "dinov2"] = Field("trainer", description=(
+        "trainer: the lr (and DINOv2's teacher temperature) reaches its peak at step warmup_steps; dinov2: at "
+        "the warmup's last step, as numpy.linspace in DINOv2's CosineScheduler"))
     checkpoint_every: Int = Field(100, gt=0, description="steps between checkpoints")
     log_every: Int = Field(20, gt=0)
 
@@ -174,11 +180,24 @@ class ScheduleConfig(Section):
 
 
 class OptimizerConfig(Section):
-    lr: Float = Field(2e-3, gt=0, description="peak learning rate for the global batch size")
+    lr: Float = Field(2e-3, gt=0, description="peak learning rate for the global batch size (see lr_scaling)")
+    lr_scaling: Literal["none", "sqrt_wrt_1024", "linear_wrt_512"] = Field("none", description=(
+        "none: lr is the peak; sqrt_wrt_1024 (DINOv2): peak = lr * sqrt(batch_size / 1024); linear_wrt_512 "
+        "(DeiT): peak = lr * batch_size / 512"))
     min_lr: Float = Field(1e-5, ge=0)
     weight_decay: Float = Field(0.05, ge=0)
+    weight_decay_end: Float | None = Field(None, ge=0, description=(
+        "cosine from weight_decay to this over the run (DINOv2: 0.04 -> 0.4); null: constant"))
+    no_weight_decay: Literal["trainer", "dinov2"] = Field("trainer", description=(
+        "trainer: no decay for ndim <= 1, positions and tokens; dinov2: for biases, norms and gammas"))
+    layer_decay: Float = Field(1.0, gt=0, le=1, description="layer-wise lr decay (DINOv2 ImageNet-1k: 0.9)")
+    patch_embed_lr_mult: Float = Field(1.0, gt=0, description="lr multiplier of the patch embedding (DINOv2: 0.2)")
+    freeze_last_layer_steps: Int = Field(0, ge=0, description=(
+        "steps the DINO / iBOT prototypes stay frozen (DINOv2: freeze_last_layer_epochs 1)"))
     betas: tuple[Float, Float] = (0.9, 0.999)
     grad_clip: Float | None = Field(1.0, gt=0)
+    clip_per_module: Bool = Field(False, description=(
+        "clip each trained module's gradient norm apart (DINOv2: backbone, DINO head, iBOT head); false: one global norm"))
 
 
 class SupervisedConfig(Section):
@@ -198,6 +217,8 @@ class DINOv2Config(Section):
     teacher_temp: Float = Field(0.07, gt=0)
     warmup_teacher_temp: Float = Field(0.04, gt=0)
     teacher_momentum: Float = Field(0.992, ge=0, le=1, description="EMA momentum at the start, cosine to 1")
+    separate_ibot_head: Bool = Field(True, description=(
+        "an iBOT head of its own; false: the DINO head scores the masked patches too (DINOv2's ibot.separate_head)"))
     ibot_weight: Float = Field(1.0, ge=0)
     koleo_weight: Float = Field(0.1, ge=0)
     mask_ratio: tuple[Float, Float] = (0.1, 0.5)
@@ -269,6 +290,8 @@ class TrialConfig(Section):
 
     name: str = "trial"
     seed: Int = 0
+    recipe: RecipeName = Field("none", description=(
+        "defaults from an official recipe (trainer/recipes.py) for every key the config leaves out"))
     framework: Framework = "supervised"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -279,6 +302,15 @@ class TrialConfig(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_recipe(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if conflict := recipe_conflict(data):
+            raise fail_at([(("framework",), conflict, data.get("framework"))])
+        return with_recipe(data)
 
     @model_validator(mode="after")
     def _sections_agree(self) -> "TrialConfig":

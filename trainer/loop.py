@@ -31,7 +31,9 @@ from trainer.contract import (
 from trainer.evaluation import evaluate
 from trainer.objectives import build_meta_arch
 from trainer.out_dir import claim_out_dir
-from trainer.objectives.schedules import cosine_schedule
+from trainer.objectives.param_groups import GroupRules
+from trainer.objectives.schedules import (
+    apply_optimizer_schedule, last_layer_learning_rate, learning_rate, weight_decay)
 from trainer.runtime import Runtime, peak_memory_mb, setup_runtime, teardown_runtime
 from trainer.tracking import Tracker
 
@@ -77,6 +79,7 @@ def backbone_factory(cfg: TrialConfig):
         reg_tokens=m.reg_tokens,
         img_size=resolve_img_size(cfg),
         drop_path_rate=m.drop_path_rate,
+        drop_path_uniform=m.drop_path_uniform,
         init_values=m.layer_scale_init,
         no_embed_class=m.no_embed_class,
         num_classes=0,
@@ -200,7 +203,7 @@ class Trial:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than schedule.batch_size {sched.batch_size}")
         meta_arch = build_meta_arch(cfg, backbone_factory(cfg), num_classes(cfg), sched.steps).to(runtime.device)
         # Fused AdamW on GPU: one kernel for all parameters instead of several per tensor.
-        optimizer = torch.optim.AdamW(meta_arch.trainable_parameters_groups(opt.weight_decay), lr=opt.lr,
+        optimizer = torch.optim.AdamW(meta_arch.trainable_parameters_groups(GroupRules.of(opt)), lr=opt.lr,
                                       betas=opt.betas, fused=runtime.device.type == "cuda" or None)
         ckpt = read_checkpoint(self.out_dir, self.log)
         if ckpt is not None:  # restores the RNG stream too
@@ -219,7 +222,6 @@ class Trial:
                                                      state.step, sched.steps),
                             num_workers=cfg.data.num_workers, pin_memory=cuda,
                             worker_init_fn=_ignore_stop_signals if cfg.data.num_workers else None)
-        weight_decay = [g.get("weight_decay", 0.0) for g in optimizer.param_groups]
         # The device never waits for the host: losses stay on the device and are read (one sync)
         # only where the host needs them: log lines, evaluations, checkpoints and the end.
         health = LossHealth(runtime.device)
@@ -229,9 +231,9 @@ class Trial:
         started = time.perf_counter()
         last_tick = started  # img/s counts data loading too: from the end of one step to the end of the next
         for batch in loader:
-            lr = cosine_schedule(state.step, sched.steps, opt.lr, opt.min_lr, sched.warmup_steps)
-            for group, wd in zip(optimizer.param_groups, weight_decay):
-                group["lr"], group["weight_decay"] = lr, wd
+            lr = learning_rate(state.step, opt, sched)
+            apply_optimizer_schedule(optimizer, lr, weight_decay(state.step, opt, sched),
+                                     last_layer_learning_rate(state.step, lr, opt))
             batch = _to_device(batch, runtime.device)
             with runtime.autocast():
                 losses = model(batch, state.step)
@@ -239,7 +241,8 @@ class Trial:
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             if opt.grad_clip:
-                nn.utils.clip_grad_norm_(meta_arch.parameters(), opt.grad_clip)
+                for params in (meta_arch.grad_clip_groups() if opt.clip_per_module else [meta_arch.parameters()]):
+                    nn.utils.clip_grad_norm_(params, opt.grad_clip)
             optimizer.step()
             meta_arch.after_step(state.step)
             state.step += 1

@@ -36,7 +36,10 @@ def _get_submodule_parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
 class SpecializedBlock(Block):
     """timm's pre-norm `Block`, with the components planned for this block index made two-branch."""
 
-    def __init__(self, *, depth: int, block_plan: list[tuple[str, ...]], num_prefix_tokens: int, **kwargs: Any):
+    def __init__(self, *, depth: int, block_plan: list[tuple[str, ...]], num_prefix_tokens: int,
+                 uniform_drop_path: float | None = None, **kwargs: Any):
+        if uniform_drop_path is not None:  # in place of timm's per-depth ramp
+            kwargs["drop_path"] = uniform_drop_path
         super().__init__(depth=depth, **kwargs)
         specialized, absent = [], []
         for component in block_plan[depth]:
@@ -58,6 +61,8 @@ class SpecializedVisionTransformer(VisionTransformer):
         specialization: a `Specialization` or its string form (`none`, `paper`, `norms,qkv@first:4`, ...).
         registers_follow: `cls` routes register tokens through the prefix weights, `patch` through
             the patch weights.
+        drop_path_uniform: every block drops at `drop_path_rate` (DINOv2's `drop_path_uniform`,
+            DeiT-III's models_v2.py) instead of timm's linear ramp from 0 to it.
         **kwargs: any `VisionTransformer` argument.
     """
 
@@ -65,6 +70,7 @@ class SpecializedVisionTransformer(VisionTransformer):
         self,
         specialization: str | Specialization = "none",
         registers_follow: str = "cls",
+        drop_path_uniform: bool = False,
         **kwargs: Any,
     ) -> None:
         spec = Specialization.parse(specialization)
@@ -78,7 +84,8 @@ class SpecializedVisionTransformer(VisionTransformer):
             raise ValueError("specialization separates [CLS] from patches: the model needs class_token=True")
         # Token layout in timm: [CLS], registers, patches. Registers may join either side.
         num_specialized_prefix = 1 + (reg_tokens if registers_follow == "cls" else 0)
-        block_fn = partial(SpecializedBlock, block_plan=spec.block_plan(depth), num_prefix_tokens=num_specialized_prefix)
+        block_fn = partial(SpecializedBlock, block_plan=spec.block_plan(depth), num_prefix_tokens=num_specialized_prefix,
+                           uniform_drop_path=kwargs.get("drop_path_rate", 0.0) if drop_path_uniform else None)
         super().__init__(block_fn=block_fn, **kwargs)
 
         self.specialization = spec

@@ -1,8 +1,9 @@
 """Training objectives: one meta-architecture per framework behind the `MetaArch` interface.
 
     meta_arch = build_meta_arch(cfg, backbone_factory, num_classes, total_steps)
-    optimizer = torch.optim.AdamW(meta_arch.trainable_parameters_groups(wd), lr=..., betas=...)
+    optimizer = torch.optim.AdamW(meta_arch.trainable_parameters_groups(GroupRules.of(cfg.optimizer)), ...)
     for step, batch in ...:
+        apply_optimizer_schedule(optimizer, lr, weight_decay, last_layer_lr)
         out = meta_arch(batch, step); out["loss"].backward(); optimizer.step()
         meta_arch.after_step(step)
 """
@@ -17,8 +18,9 @@ from trainer.config import TrialConfig
 from trainer.objectives.dinov2 import DINOv2MetaArch
 from trainer.objectives.heads import DINOHead
 from trainer.objectives.losses import ClassificationLoss, DINOLoss, iBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
-from trainer.objectives.meta_arch import MetaArch, parameter_groups
-from trainer.objectives.schedules import cosine_schedule, learning_rate, set_optimizer_values
+from trainer.objectives.meta_arch import MetaArch
+from trainer.objectives.param_groups import GroupRules, parameter_groups
+from trainer.objectives.schedules import apply_optimizer_schedule, cosine_schedule, learning_rate
 from trainer.objectives.supervised import SupervisedMetaArch
 
 
@@ -32,12 +34,13 @@ def build_meta_arch(cfg: TrialConfig, backbone_factory: Callable[[], nn.Module],
     if cfg.framework == "supervised":
         return SupervisedMetaArch(backbone_factory(), num_classes, cfg.supervised)
     if cfg.framework == "dinov2":
-        return DINOv2MetaArch(backbone_factory(), backbone_factory(), cfg.dinov2, total_steps, seed=cfg.seed)
+        return DINOv2MetaArch(backbone_factory(), backbone_factory(), cfg.dinov2, total_steps, seed=cfg.seed,
+                              warmup_form=cfg.schedule.warmup_form)
     raise ValueError(f"unknown framework {cfg.framework!r}")
 
 
 __all__ = [
-    "ClassificationLoss", "DINOHead", "DINOLoss", "DINOv2MetaArch", "KoLeoLoss", "MetaArch", "SupervisedMetaArch",
-    "build_meta_arch", "cosine_schedule", "iBOTPatchLoss", "learning_rate", "parameter_groups",
-    "set_optimizer_values", "sinkhorn_knopp",
+    "ClassificationLoss", "DINOHead", "DINOLoss", "DINOv2MetaArch", "GroupRules", "KoLeoLoss", "MetaArch",
+    "SupervisedMetaArch", "apply_optimizer_schedule", "build_meta_arch", "cosine_schedule", "iBOTPatchLoss",
+    "learning_rate", "parameter_groups", "sinkhorn_knopp",
 ]

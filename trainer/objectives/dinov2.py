@@ -19,7 +19,7 @@ from trainer.config import DINOv2Config
 from trainer.objectives.heads import DINOHead
 from trainer.objectives.losses import DINOLoss, iBOTPatchLoss, KoLeoLoss
 from trainer.objectives.meta_arch import MetaArch
-from trainer.objectives.schedules import teacher_momentum, teacher_temperature
+from trainer.objectives.schedules import WarmupForm, teacher_momentum, teacher_temperature
 
 # Mixed into the mask seed so masks never share a random stream with another user of the trial seed.
 _MASK_STREAM = 0x1B07
@@ -89,7 +89,11 @@ def _dino_parts(backbone: nn.Module, cfg: DINOv2Config) -> nn.ModuleDict:
     def head() -> DINOHead:
         return DINOHead(backbone.embed_dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim)
 
-    return nn.ModuleDict(dict(backbone=backbone, dino_head=head(), ibot_head=head()))
+    dino_head = head()
+    # Shared (DINOv2's ImageNet configs): one module under both names, so its parameters and the
+    # teacher's EMA count it once.
+    return nn.ModuleDict(dict(backbone=backbone, dino_head=dino_head,
+                              ibot_head=head() if cfg.separate_ibot_head else dino_head))
 
 
 class DINOv2MetaArch(MetaArch):
@@ -102,8 +106,9 @@ class DINOv2MetaArch(MetaArch):
     """
 
     def __init__(self, student_backbone: nn.Module, teacher_backbone: nn.Module, cfg: DINOv2Config,
-                 total_steps: int, seed: int = 0) -> None:
+                 total_steps: int, seed: int = 0, warmup_form: WarmupForm = "trainer") -> None:
         super().__init__()
+        self.warmup_form = warmup_form
         if not isinstance(getattr(student_backbone, "patch_drop", nn.Identity()), nn.Identity):
             raise ValueError("iBOT masks index patch positions: the backbone must not use patch dropout")
         self.cfg = cfg
@@ -129,13 +134,24 @@ class DINOv2MetaArch(MetaArch):
     def eval_backbone(self) -> nn.Module:
         return self.teacher["backbone"]
 
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter, int | None]]:
+        # DINOv2 keeps the mask token inside the backbone, at layer 0 of the lr decay.
+        return [(name, param, len(self.backbone.blocks) if name == "mask_token" else blocks)
+                for name, param, blocks in super().named_trainable_parameters()]
+
+    def grad_clip_groups(self) -> list[list[nn.Parameter]]:
+        # As DINOv2 clips each student module (dinov2/train/train.py); its mask token is the backbone's.
+        heads = {id(m): m for m in (self.student["dino_head"], self.student["ibot_head"])}.values()
+        return [[self.mask_token, *self.backbone.parameters()], *[list(head.parameters()) for head in heads]]
+
     def train(self, mode: bool = True) -> "DINOv2MetaArch":
         super().train(mode)
         self.teacher.eval()  # the teacher never uses drop-path/dropout
         return self
 
     def teacher_temp(self, step: int) -> float:
-        return teacher_temperature(step, self.total_steps, self.cfg.warmup_teacher_temp, self.cfg.teacher_temp)
+        return teacher_temperature(step, self.total_steps, self.cfg.warmup_teacher_temp, self.cfg.teacher_temp,
+                                   warmup_form=self.warmup_form)
 
     def momentum(self, step: int) -> float:
         return teacher_momentum(step, self.total_steps, self.cfg.teacher_momentum)

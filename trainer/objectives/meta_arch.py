@@ -8,36 +8,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor, nn
 
-# Parameters that are offsets, scales or tokens rather than weight matrices: decaying them only
-# pulls embeddings/LayerScale towards zero. Anything with ndim <= 1 (biases, norm affines) too.
-NO_WEIGHT_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "gamma")
-
-
-def wants_weight_decay(name: str, param: Tensor) -> bool:
-    leaf = name.split(".")[-1]
-    return param.ndim > 1 and not any(key in leaf or key in name for key in NO_WEIGHT_DECAY_NAMES)
-
-
-def parameter_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: one with `weight_decay`, one without; frozen parameters are left out.
-
-    Each group carries `apply_weight_decay` so a weight decay schedule knows which to update
-    (see schedules.set_optimizer_values). Empty groups are dropped.
-    """
-    decay, no_decay = [], []
-    for name, param in named_parameters:
-        if param.requires_grad:
-            (decay if wants_weight_decay(name, param) else no_decay).append(param)
-    groups = [
-        dict(params=decay, weight_decay=weight_decay, apply_weight_decay=True, name="decay"),
-        dict(params=no_decay, weight_decay=0.0, apply_weight_decay=False, name="no_decay"),
-    ]
-    return [g for g in groups if g["params"]]
+from trainer.objectives.param_groups import GroupRules, backbone_parameters, parameter_groups
 
 
 class MetaArch(nn.Module):
@@ -56,8 +31,19 @@ class MetaArch(nn.Module):
     def forward(self, batch: Any, step: int) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def trainable_parameters_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        return parameter_groups(self.named_parameters(), weight_decay)
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter, int | None]]:
+        """(name, parameter, block count) for `parameter_groups`: the backbone's parameters named
+        relative to it with its block count, everything else (heads) as a module without blocks."""
+        backbone = backbone_parameters(self.backbone)
+        ids = {id(param) for _, param, _ in backbone}
+        return backbone + [(name, param, None) for name, param in self.named_parameters() if id(param) not in ids]
+
+    def trainable_parameters_groups(self, rules: GroupRules = GroupRules()) -> list[dict[str, Any]]:
+        return parameter_groups(self.named_trainable_parameters(), rules)
+
+    def grad_clip_groups(self) -> list[list[nn.Parameter]]:
+        """The parameter sets whose gradient norms `optimizer.clip_per_module` clips apart."""
+        return [[p for p in self.parameters() if p.requires_grad]]
 
     def after_step(self, step: int) -> None:
         """Called after each optimizer step with that step's index."""
