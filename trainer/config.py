@@ -8,15 +8,14 @@ files they name. The orchestrator validates sweep specs against this same schema
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
-from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
+from trainer.config_errors import (  # noqa: F401 (re-exported: config.ConfigError, ...)
+    TRIAL_CHECK, ConfigError, KeyPath, error_message, fail_at, format_problems, format_validation_error)
 from trainer.recipes import RecipeName, recipe_conflict, with_recipe
 from trainer.scales import SCALES
 from trainer.path_checks import file_problem, folder_problem, tracking_uri_problem
@@ -30,23 +29,10 @@ Framework = Literal["supervised", "dinov2"]
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
 Bool = Annotated[bool, Strict()]
-KeyPath = tuple[str, ...]
-TRIAL_CHECK = "trial_check"  # the error type of the checks below: their messages quote the values
-
-_EXPONENT_RE = re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$")
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def fail_at(problems: Sequence[tuple[KeyPath, str, Any]]) -> ValidationError:
-    """The error a model validator raises for (key path in its section, message, input) problems:
-    pydantic files each under its key (model.specialization), not under the section (model)."""
-    return ValidationError.from_exception_data("TrialConfig", [
-        InitErrorDetails(type=PydanticCustomError(TRIAL_CHECK, "{reason}", {"reason": message}),
-                         loc=loc, input=value)
-        for loc, message, value in problems])
 
 
 class ModelConfig(Section):
@@ -336,57 +322,12 @@ class TrialConfig(Section):
         return self.model_dump(mode="json")
 
 
-class ConfigError(ValueError):
-    """A config that fails validation; the message names each bad key and what is allowed."""
-
-
-def error_message(e: ErrorDetails) -> str:
-    """One pydantic error as `what was expected (got VALUE)`, with the fix for YAML's `1e-3`."""
-    message = e["msg"].removeprefix("Value error, ")
-    value = e.get("input")
-    if isinstance(value, (dict, list)) or e["type"] in ("missing", TRIAL_CHECK):
-        return message
-    if e["type"] == "float_type" and isinstance(value, str) and _EXPONENT_RE.match(value):
-        mantissa, exponent = value.lower().split("e")
-        fixed = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{'' if exponent[0] in '+-' else '+'}{exponent}"
-        return (f"{message} (got the text {value!r}: YAML reads a number with an exponent but no dot as text; "
-                f"write {fixed})")
-    return f"{message} (got {value!r})"
-
-
-def format_problems(source: str, problems: Sequence[tuple[KeyPath, str]]) -> str:
-    lines = [f"{source}: {len(problems)} invalid setting(s)"]
-    lines += [f"  - {'.'.join(loc) or '<root>'}: {message}" for loc, message in problems]
-    return "\n".join(lines)
-
-
-def format_validation_error(err: ValidationError, source: str) -> str:
-    problems = []
-    for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            problems.append((loc, f"unknown key; allowed here: {', '.join(_allowed_keys(loc[:-1]))}"))
-        else:
-            problems.append((loc, error_message(e)))
-    return format_problems(source, problems)
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] = TrialConfig
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return []
-        model = field.annotation
-    return sorted(model.model_fields)
-
-
 def parse_config(data: dict[str, Any], source: str = "config") -> TrialConfig:
     """`data` as the TrialConfig of a trial to run here: valid, trainable, and the files it names exist."""
     try:
         cfg = TrialConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, TrialConfig)) from None
     if problems := training_problems(cfg) + check_files(cfg):
         raise ConfigError(format_problems(source, problems))
     return cfg
