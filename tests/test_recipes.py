@@ -224,7 +224,7 @@ def test_dinov2_recipe_fills_the_official_defaults_and_the_config_wins():
 def test_recipe_with_another_framework_is_refused_naming_both():
     with pytest.raises(ConfigError, match="recipe dinov2 trains framework dinov2.*framework supervised"):
         parse_config({"recipe": "dinov2", "framework": "supervised"})
-    with pytest.raises(ConfigError, match="recipe: Input should be 'none' or 'dinov2'"):
+    with pytest.raises(ConfigError, match="recipe: Input should be 'none', 'dinov2' or 'deit3'"):
         parse_config({"recipe": "dino"})
 
 
@@ -282,3 +282,135 @@ def test_dinov2_clips_each_student_module_apart():
     shared = build_meta_arch(TrialConfig(recipe="dinov2", dinov2=dict(out_dim=64, head_hidden_dim=32,
                                                                        head_bottleneck_dim=16)), tiny_vit, 4, 10)
     assert len(shared.grad_clip_groups()) == 2  # one head for DINO and iBOT
+
+
+# --- DeiT-III ----------------------------------------------------------------------------------------
+
+
+def test_deit3_recipe_fills_readme_revenge_values():
+    cfg = TrialConfig(recipe="deit3")
+    assert cfg.framework == "supervised"
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.lr_scaling, cfg.optimizer.weight_decay,
+            cfg.optimizer.min_lr, cfg.optimizer.grad_clip) == ("lamb", 3e-3, "none", 0.05, 1e-5, None)
+    sup = cfg.supervised
+    assert (sup.loss, sup.label_smoothing, sup.mixup_alpha, sup.cutmix_alpha, sup.binarize_targets, sup.three_augment) == (
+        "bce", 0.0, 0.8, 1.0, True, True)
+    assert cfg.data.repeated_augmentation == 3 and cfg.data.eval_crop_ratio == 1.0
+    assert cfg.model.drop_path_uniform and cfg.model.layer_scale_init == 1e-4
+    assert TrialConfig.model_validate(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="recipe deit3 trains framework supervised"):
+        parse_config({"recipe": "deit3", "framework": "dinov2"})
+
+
+def test_lamb_comes_from_timms_optimizer_factory():
+    from timm.optim import Lamb
+
+    from trainer.objectives.param_groups import build_optimizer
+
+    w = torch.nn.Parameter(torch.ones(4, 4))
+    groups = [dict(params=[w], lr_multiplier=1.0, wd_multiplier=1.0, is_last_layer=False)]
+    assert isinstance(build_optimizer(groups, TrialConfig(recipe="deit3").optimizer, torch.device("cpu")), Lamb)
+    assert isinstance(build_optimizer(groups, OptimizerConfig(), torch.device("cpu")), torch.optim.AdamW)
+
+
+def test_mixed_targets_are_binarized_as_deit3_and_the_draws_are_a_function_of_the_step():
+    from timm.data import Mixup
+
+    from trainer.data.scenes import derive_seed
+    from trainer.objectives.supervised import BatchMixing
+
+    sup = TrialConfig(recipe="deit3").supervised
+    mixing = BatchMixing(sup, num_classes=5, seed=7)
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(8, 3, 16, 16, generator=g), torch.randint(0, 5, (8,), generator=g)
+    np.random.seed(123)
+    outside = np.random.get_state()[1].copy()
+    mixed, targets = mixing(images.clone(), labels, step=4)
+    assert np.array_equal(np.random.get_state()[1], outside)  # numpy's global stream is left as it was
+    # DeiT-III: timm's Mixup, then targets.gt(0.0) with the BCE loss.
+    np.random.seed(derive_seed("mixup", 7, 4, 0) % 2**32)
+    ref_images, ref_soft = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.0, num_classes=5)(
+        images.clone(), labels)
+    assert torch.equal(mixed, ref_images) and torch.equal(targets, ref_soft.gt(0.0).float())
+    assert set(targets.unique().tolist()) <= {0.0, 1.0} and (targets.sum(1) >= 1).all()
+    again = mixing(images.clone(), labels, step=4)
+    assert torch.equal(again[0], mixed) and torch.equal(again[1], targets)
+    assert not torch.equal(mixing(images.clone(), labels, step=5)[0], mixed)
+    with pytest.raises(ValueError, match="must be even"):
+        mixing(images[:7], labels[:7], step=0)
+
+
+def test_repeated_augmentation_order_is_one_function_of_the_step_for_any_process_count():
+    from trainer.data.transforms import augment_seed
+    from trainer.loop import RunBatches, epoch_batches
+    from trainer.runtime import Runtime
+
+    def runtime(rank=0, world_size=1):
+        return Runtime(torch.device("cpu"), bf16=False, compile=False, rank=rank, world_size=world_size)
+
+    one = runtime()
+    batches = epoch_batches(24, 6, seed=1, epoch=0, runtime=one, repeats=3)
+    keys = [key for batch in batches for key in batch]
+    assert len(keys) == 24 and [copy for _, copy in keys] == [0, 1, 2] * 8  # each image 3 times in a row
+    assert all(len({keys[3 * i + c][0] for c in range(3)}) == 1 for i in range(8))
+    assert len({index for index, _ in keys}) == 8  # an epoch shows num_samples / repeats images
+    # Under 2 processes, each step covers the same keys as one process, the copies on neighbouring ranks.
+    ranks = [epoch_batches(24, 6, 1, 0, runtime(r, 2), repeats=3) for r in range(2)]
+    for step, batch in enumerate(batches):
+        assert sorted(ranks[0][step] + ranks[1][step]) == sorted(batch)
+        assert ranks[0][step][0][0] == ranks[1][step][0][0]  # copies 0 and 1 of one image on ranks 0 and 1
+    full = list(RunBatches(24, 6, 1, one, 0, 10, repeats=3))
+    assert list(RunBatches(24, 6, 1, one, 7, 10, repeats=3)) == full[7:]  # a resume at step 7
+    assert len({augment_seed(1, 0, 5, copy) for copy in range(3)}) == 3  # each copy augmented apart
+    assert augment_seed(1, 0, 5) == augment_seed(1, 0, 5, 0)  # without repeats: the seeds as before
+    plain = epoch_batches(24, 6, 1, 0, one)
+    assert [[i for i, _ in b] for b in plain] == [torch.randperm(24, generator=torch.Generator().manual_seed(100_003))
+                                                   .tolist()[k:k + 6] for k in range(0, 24, 6)]
+
+
+def test_a_deit3_recipe_trial_trains_and_reports_the_heads_top1(tmp_path: Path):
+    cfg = parse_config({
+        "recipe": "deit3", "seed": 1,
+        "model": {"specialization": "paper", "drop_path_rate": 0.05},
+        "data": {"scenes": {"train_size": 64, "val_size": 32}},
+        "schedule": {"steps": 6, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 6, "log_every": 3},
+        "evaluation": {"probe_epochs": 2, "segmentation": False, "depth": False, "token_interaction": False},
+        "tracking": {"enabled": False}, "runtime": {"threads": 1}})
+    trial = Trial(cfg, tmp_path / "out", log=lambda m: None)
+    result = trial.run()
+    assert result.status == "done", result
+    assert 0.0 <= result.metrics["head_top1"] <= 1.0 and "linear_top1_cls" in result.metrics
+    ckpt = torch.load(tmp_path / "out" / CHECKPOINT_FILE, weights_only=False)
+    assert {"trust_clip", "max_grad_norm"} <= set(ckpt["optimizer"]["param_groups"][0])  # timm's Lamb
+
+    # head_top1 is the trained classifier's accuracy on the test split, image by image.
+    from trainer.data import build_eval_datasets
+    from trainer.loop import backbone_factory
+
+    model = backbone_factory(cfg)()
+    model.reset_classifier(4)
+    model.load_state_dict({k.removeprefix("backbone."): v for k, v in ckpt["model"].items()
+                           if k.startswith("backbone.")})
+    model.eval()
+    val = build_eval_datasets(cfg).classification[1]
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    labels = torch.tensor([int(val[i][1]) for i in range(len(val))])
+    with torch.no_grad():
+        direct = (model(images).argmax(1) == labels).float().mean().item()
+    assert result.metrics["head_top1"] == pytest.approx(direct, abs=1e-6)
+
+
+def test_eval_crop_ratio_sets_the_resize_before_the_centre_crop(tmp_path: Path):
+    from PIL import Image
+
+    from trainer.data import build_eval_datasets
+
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / split / "a" / "x.png")
+        Image.new("RGB", (40, 20), (10, 200, 10)).save(tmp_path / split / "a" / "y.png")
+    for ratio, resize in ((0.875, 18), (1.0, 16)):
+        cfg = TrialConfig.model_validate({"data": {"dataset": "folders", "classification_root": str(tmp_path),
+                                                   "eval_crop_ratio": ratio}, "model": {"img_size": 16}})
+        transform = build_eval_datasets(cfg).classification[1].transform
+        assert transform.transform.transforms[0].size == [resize]  # int(round(16 / ratio))

@@ -368,7 +368,7 @@ def test_shipped_sweeps_load_and_expand(path):
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "sweeps" / "paper").glob("*.yaml")), ids=lambda p: p.stem)
-def test_paper_sweeps_train_dinov2_with_its_official_recipe(path):
+def test_paper_sweeps_train_with_the_official_recipes(path):
     from orchestrator.views import recipe_line
 
     trials = expand(load_spec(path), VERSION)
@@ -383,7 +383,11 @@ def test_paper_sweeps_train_dinov2_with_its_official_recipe(path):
             0.04, 0.4, "dinov2", 1250)
         assert config["model"]["drop_path_uniform"] and not config["dinov2"]["separate_ibot_head"]
         assert (config["schedule"]["steps"], config["schedule"]["warmup_steps"]) == (125000, 12500)
-    assert "recipes: dinov2" in recipe_line(trials)
+    assert "dinov2 (" in recipe_line(trials)
+    for config in (t.config for t in trials if t.config["framework"] == "supervised"):
+        assert config["recipe"] == "deit3" and config["optimizer"]["name"] == "lamb"
+        assert config["schedule"]["batch_size"] == 2048 and config["data"]["repeated_augmentation"] == 3
+        assert config["model"]["layer_scale_init"] == 1e-4 and config["supervised"]["mixup_alpha"] == 0.8
 
 
 def test_default_sweep_trades_arms_for_seeds_and_the_broad_comparison_has_its_own_spec():

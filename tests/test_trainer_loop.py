@@ -108,8 +108,9 @@ def test_supervised_trial_end_to_end_with_mlflow(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_and_restart_ends_with_the_same_metrics(tmp_path):
-    data = tiny_config(tmp_path, schedule={"steps": 16, "checkpoint_every": 4})
+@pytest.mark.parametrize("recipe", ["none", "deit3"])  # deit3: repeated augmentation, Mixup / CutMix, LAMB
+def test_sigkill_and_restart_ends_with_the_same_metrics(tmp_path, recipe):
+    data = tiny_config(tmp_path, schedule={"steps": 16, "checkpoint_every": 4}, recipe=recipe)
     data["tracking"]["enabled"] = False
     config = write_config(tmp_path, data)
     reference = run_trainer(config, tmp_path / "reference")

@@ -70,7 +70,7 @@ def test_a_trial_writes_its_learning_curve_and_validation_metrics(tmp_path):
     curve = [json.loads(line) for line in (out / PROGRESS_FILE).read_text().splitlines()]
     assert [point["step"] for point in curve] == [4, 8]  # the end (step 12) is the final evaluation
     for point in curve:
-        assert set(point["metrics"]) == {"val/linear_top1_cls", "val/linear_top1_cls_patch", "val/knn_top1"}
+        assert set(point["metrics"]) == {"val/linear_top1_cls", "val/linear_top1_cls_patch", "val/knn_top1", "val/head_top1"}
         assert all(0.0 <= v <= 1.0 for v in point["metrics"].values())
     metrics = json.loads((out / RESULT_FILE).read_text())["metrics"]
     for name in ("linear_top1_cls", "knn_top1", "depth_rmse"):  # test split, and the same on validation

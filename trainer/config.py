@@ -137,6 +137,10 @@ class DataConfig(Section):
     segmentation_layout: Literal["ade20k", "voc"] = "ade20k"
     depth_root: Path | None = Field(None, description="NYU-style root with train/ and val/ image + depth pairs")
     num_workers: Int = Field(0, ge=0)
+    repeated_augmentation: Int = Field(1, ge=1, description=(
+        "copies of each training image per epoch, each augmented apart (DeiT-III's --repeated-aug: 3); 1: off"))
+    eval_crop_ratio: Float = Field(0.875, gt=0, le=1, description=(
+        "folders: evaluation resizes the short side to img_size / ratio, then centre-crops (DeiT-III: 1.0)"))
     # Hyperparameter search must never select on the test split (the dataset's val/): it reads
     # metrics on a validation split held out of train/ instead, which nothing trains on.
     val_fraction: Float = Field(0.0, ge=0.0, lt=0.5, description=(
@@ -166,6 +170,7 @@ class ScheduleConfig(Section):
 
 
 class OptimizerConfig(Section):
+    name: Literal["adamw", "lamb"] = Field("adamw", description="adamw (torch) or lamb (timm's, DeiT-III's fusedlamb)")
     lr: Float = Field(2e-3, gt=0, description="peak learning rate for the global batch size (see lr_scaling)")
     lr_scaling: Literal["none", "sqrt_wrt_1024", "linear_wrt_512"] = Field("none", description=(
         "none: lr is the peak; sqrt_wrt_1024 (DINOv2): peak = lr * sqrt(batch_size / 1024); linear_wrt_512 "
@@ -192,6 +197,14 @@ class SupervisedConfig(Section):
     loss: Literal["bce", "ce"] = "bce"
     label_smoothing: Float = Field(0.0, ge=0, lt=1)
     three_augment: Bool = True
+    mixup_alpha: Float = Field(0.0, ge=0, description="timm Mixup's beta(alpha, alpha) mixing; 0: off (DeiT-III: 0.8)")
+    cutmix_alpha: Float = Field(0.0, ge=0, description="timm Mixup's CutMix; 0: off (DeiT-III: 1.0)")
+    binarize_targets: Bool = Field(True, description=(
+        "with bce, every class a mixed sample contains is a target of 1 (DeiT-III's engine.py: targets.gt(0.0))"))
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 class DINOv2Config(Section):
@@ -218,6 +231,7 @@ class DINOv2Config(Section):
 class EvaluationConfig(Section):
     linear: Bool = True
     knn: Bool = True
+    head_top1: Bool = Field(True, description="the trained classifier's own top-1 on the test split (supervised)")
     knn_k: Int = Field(20, gt=0)
     segmentation: Bool = True
     depth: Bool = True

@@ -31,7 +31,7 @@ from trainer.contract import (
 from trainer.evaluation import evaluate
 from trainer.objectives import build_meta_arch
 from trainer.out_dir import claim_out_dir
-from trainer.objectives.param_groups import GroupRules
+from trainer.objectives.param_groups import GroupRules, build_optimizer
 from trainer.objectives.schedules import (
     apply_optimizer_schedule, last_layer_learning_rate, learning_rate, weight_decay)
 from trainer.runtime import Runtime, peak_memory_mb, setup_runtime, teardown_runtime
@@ -101,27 +101,35 @@ def backbone_factory(cfg: TrialConfig):
     return build
 
 
-def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, runtime: Runtime) -> list[list[int]]:
-    """This process's batches of one epoch: a seeded permutation, strided across processes.
+def epoch_batches(num_samples: int, batch_size: int, seed: int, epoch: int, runtime: Runtime,
+                  repeats: int = 1) -> list[list[tuple[int, int]]]:
+    """This process's batches of one epoch as (index, copy) keys: a seeded permutation, strided
+    across processes.
 
     With `world_size` processes, step s covers the same global samples as a single process with
-    the full batch, so a distributed run sees exactly the data of a single-process run.
+    the full batch, so a distributed run sees exactly the data of a single-process run. With
+    `repeats` > 1 (repeated augmentation, DeiT-III; `RASampler` in facebookresearch/deit's
+    samplers.py) each sample of the permutation comes `repeats` times in a row, each copy with its
+    own augmentation, cut to one epoch's length: the copies of an image go to neighbouring
+    processes (or the same batch on one), and an epoch shows about num_samples / repeats images.
     """
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    keys = [(index, copy) for index in order for copy in range(repeats)][:num_samples]
     per_process = batch_size // runtime.world_size
     global_batches = num_samples // batch_size
-    return [order[b * batch_size + runtime.rank: (b + 1) * batch_size: runtime.world_size][:per_process]
+    return [keys[b * batch_size + runtime.rank: (b + 1) * batch_size: runtime.world_size][:per_process]
             for b in range(global_batches)]
 
 
 class RunBatches:
-    """Every remaining batch of the run, from `start_step` on, across epochs, as `(epoch, index)`
-    keys (`TrainDataset` reads the epoch from the key): one DataLoader, whose workers start once,
-    serves the whole run, and a resumed run continues with the very batch it stopped before."""
+    """Every remaining batch of the run, from `start_step` on, across epochs, as `(epoch, index,
+    copy)` keys (`TrainDataset` reads the epoch and copy from the key): one DataLoader, whose workers
+    start once, serves the whole run, and a resumed run continues with the very batch it stopped before."""
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, runtime: Runtime, start_step: int, steps: int):
+    def __init__(self, num_samples: int, batch_size: int, seed: int, runtime: Runtime, start_step: int, steps: int,
+                 repeats: int = 1):
         self.num_samples, self.batch_size, self.seed, self.runtime = num_samples, batch_size, seed, runtime
-        self.start_step, self.steps = start_step, steps
+        self.start_step, self.steps, self.repeats = start_step, steps, repeats
         self.per_epoch = num_samples // batch_size
 
     def __len__(self) -> int:
@@ -131,10 +139,11 @@ class RunBatches:
         step = self.start_step
         while step < self.steps:
             epoch, offset = divmod(step, self.per_epoch)
-            for batch in epoch_batches(self.num_samples, self.batch_size, self.seed, epoch, self.runtime)[offset:]:
+            batches = epoch_batches(self.num_samples, self.batch_size, self.seed, epoch, self.runtime, self.repeats)
+            for batch in batches[offset:]:
                 if step >= self.steps:
                     return
-                yield [(epoch, index) for index in batch]
+                yield [(epoch, index, copy) for index, copy in batch]
                 step += 1
 
 
@@ -202,9 +211,7 @@ class Trial:
         if len(dataset) < sched.batch_size:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than schedule.batch_size {sched.batch_size}")
         meta_arch = build_meta_arch(cfg, backbone_factory(cfg), num_classes(cfg), sched.steps).to(runtime.device)
-        # Fused AdamW on GPU: one kernel for all parameters instead of several per tensor.
-        optimizer = torch.optim.AdamW(meta_arch.trainable_parameters_groups(GroupRules.of(opt)), lr=opt.lr,
-                                      betas=opt.betas, fused=runtime.device.type == "cuda" or None)
+        optimizer = build_optimizer(meta_arch.trainable_parameters_groups(GroupRules.of(opt)), opt, runtime.device)
         ckpt = read_checkpoint(self.out_dir, self.log)
         if ckpt is not None:  # restores the RNG stream too
             state.__dict__.update(apply_checkpoint(ckpt, meta_arch, optimizer).__dict__)
@@ -219,7 +226,7 @@ class Trial:
         cuda = runtime.device.type == "cuda"
         loader = DataLoader(dataset, collate_fn=dataset.collate,
                             batch_sampler=RunBatches(len(dataset), sched.batch_size, cfg.seed, runtime,
-                                                     state.step, sched.steps),
+                                                     state.step, sched.steps, cfg.data.repeated_augmentation),
                             num_workers=cfg.data.num_workers, pin_memory=cuda,
                             worker_init_fn=_ignore_stop_signals if cfg.data.num_workers else None)
         # The device never waits for the host: losses stay on the device and are read (one sync)

@@ -16,6 +16,7 @@ COST_METRICS = ("params_total", "params_vanilla", "params_added", "param_overhea
 EVALUATION_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "linear": ("classification", ("linear_top1_cls", "linear_top1_cls_patch")),
     "knn": ("classification", ("knn_top1",)),
+    "head_top1": ("classification", ("head_top1",)),
     "segmentation": ("segmentation", ("seg_miou", "seg_pixel_acc")),
     "depth": ("depth", ("depth_rmse", "depth_abs_rel")),
 }
@@ -50,6 +51,8 @@ def metric_table(cfg: TrialConfig) -> dict[str, str | None]:
         root = TASK_ROOTS[task]
         if why is None and cfg.data.dataset == "folders" and getattr(cfg.data, root) is None:
             why = f"data.dataset folders has no {task} data: set data.{root}"
+        if why is None and flag == "head_top1" and (cfg.framework != "supervised" or cfg.evaluation.features != "backbone"):
+            why = "the trained classifier's own top-1: only framework supervised (with evaluation.features backbone) has one"
         measured.update(dict.fromkeys(names, why))
     out.update(measured)
     no_split = "measured on the validation split: set data.val_fraction > 0 (e.g. 0.1)"

@@ -1,6 +1,6 @@
 """Named recipes: the official operating points of a framework as defaults under a trial config.
 
-`recipe: dinov2` in a trial config (or a sweep's base) fills every key the recipe names that the
+`recipe: dinov2` or `recipe: deit3` in a trial config (or a sweep's base) fills every key the recipe names that the
 config leaves out; keys the config sets win. The resolved config (config.resolved.yaml, the trial
 id) holds the filled-in values, so a trial never depends on this table changing later.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal
 
-RecipeName = Literal["none", "dinov2"]
+RecipeName = Literal["none", "dinov2", "deit3"]
 
 # DINOv2 (facebookresearch/dinov2): dinov2/configs/ssl_default_config.yaml, which the ImageNet-1k
 # config (configs/train/vitl16_short.yaml: "this corresponds to the default config") keeps; schedules
@@ -58,7 +58,39 @@ DINOV2: dict[str, Any] = {
     },
 }
 
-RECIPES: dict[str, dict[str, Any]] = {"dinov2": DINOV2}
+# DeiT-III (facebookresearch/deit): README_revenge.md's ImageNet-1k ViT-B command (`--opt fusedlamb
+# --lr 3e-3 --unscale-lr --weight-decay 0.05 --smoothing 0.0 --mixup .8 --cutmix 1.0 --bce-loss
+# --repeated-aug --ThreeAugment`), engine.py (targets.gt(0.0) after mixing), models_v2.py
+# (uniform drop path, LayerScale init 1e-4), main.py (timm's Mixup; --min-lr 1e-5).
+DEIT3: dict[str, Any] = {
+    "framework": "supervised",
+    "model": {
+        "drop_path_uniform": True,        # models_v2.py: dpr = drop_path_rate in every block
+        "layer_scale_init": 1.0e-4,       # models_v2.py: init_scale
+    },
+    "data": {
+        "repeated_augmentation": 3,       # --repeated-aug (RASampler, num_repeats 3)
+        "eval_crop_ratio": 1.0,           # the DeiT-III paper's test-time crop ratio
+    },
+    "optimizer": {
+        "name": "lamb",                   # --opt fusedlamb (timm's lamb: its port)
+        "lr": 3.0e-3,                     # --lr 3e-3 with --unscale-lr: the peak as given
+        "lr_scaling": "none",
+        "min_lr": 1.0e-5,                 # main.py --min-lr default
+        "weight_decay": 0.05,             # --weight-decay 0.05
+        "grad_clip": None,                # main.py --clip-grad default None (LAMB bounds its own update)
+    },
+    "supervised": {
+        "loss": "bce",                    # --bce-loss
+        "label_smoothing": 0.0,           # --smoothing 0.0
+        "three_augment": True,            # --ThreeAugment
+        "mixup_alpha": 0.8,               # --mixup .8
+        "cutmix_alpha": 1.0,              # --cutmix 1.0
+        "binarize_targets": True,         # engine.py: targets.gt(0.0) with --bce-loss
+    },
+}
+
+RECIPES: dict[str, dict[str, Any]] = {"dinov2": DINOV2, "deit3": DEIT3}
 
 
 def _fill(defaults: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:

@@ -55,6 +55,7 @@ KNOWN_METRICS: dict[str, MetricSpec] = {m.name: m for m in [
     _pct("linear_top1_cls", "Linear top-1 [CLS]"),
     _pct("linear_top1_cls_patch", "Linear top-1 [CLS]+patch"),
     _pct("knn_top1", "k-NN top-1"),
+    _pct("head_top1", "Head top-1"),  # the trained classifier itself (supervised), as DeiT-III reports
     _pct("seg_miou", "Seg. mIoU"),
     _pct("seg_pixel_acc", "Seg. pixel acc."),
     MetricSpec("depth_rmse", "Depth RMSE", decimals=4, higher_is_better=False),

@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from trainer.config import TrialConfig
 
 NYU_MAX_DEPTH = 10.0  # metres; the usual NYU-v2 evaluation cap
-CLASSIFICATION_RESIZE = 256 / 224  # resize then center-crop, the standard ImageNet eval ratio
 
 
 def _scale_default(cfg: "TrialConfig", key: str) -> int:
@@ -222,7 +221,7 @@ def build_eval_datasets(cfg: "TrialConfig", split: EvalSplit = "test") -> EvalDa
     if data.classification_root is not None:
         out.num_classes = num_classes(cfg)
         out.classification = pair(lambda part: ImageFolderDataset(data.classification_root, part),
-                                   EvalTransform("label", img_size, CLASSIFICATION_RESIZE), True, out.num_classes)
+                                   EvalTransform("label", img_size, 1 / data.eval_crop_ratio), True, out.num_classes)
     if data.segmentation_root is not None:
         out.segmentation_num_classes = SEGMENTATION_CLASSES[data.segmentation_layout]
         out.segmentation = pair(

@@ -232,8 +232,11 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def augment_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one training sample's augmentation: a pure function of (trial seed, epoch, index)."""
+def augment_seed(seed: int, epoch: int, index: int, repeat: int = 0) -> int:
+    """The seed of one training sample's augmentation: a pure function of (trial seed, epoch, index),
+    and of the copy's number when repeated augmentation shows a sample several times in an epoch."""
+    if repeat:
+        return derive_seed("augment", int(seed), int(epoch), int(index), int(repeat))
     return derive_seed("augment", int(seed), int(epoch), int(index))
 
 
@@ -242,7 +245,8 @@ class TrainDataset(Dataset):
 
     `__getitem__` seeds torch's CPU generator from that triple inside `fork_rng`, so it neither
     depends on nor disturbs the caller's random state, and a run resumed mid-epoch reproduces the
-    same samples. A key is an index (at the epoch `set_epoch` chose) or an `(epoch, index)` pair:
+    same samples. A key is an index (at the epoch `set_epoch` chose) or an `(epoch, index)` pair
+    (`(epoch, index, repeat)` for the copies of repeated augmentation):
     the pairs let one DataLoader, and its workers, serve every epoch of a run (workers hold a copy
     of the dataset, so they would never see a later `set_epoch`). Batch items with `collate`
     (`collate_multicrop` for multi-crop items, else torch's default).
@@ -263,10 +267,10 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def sample_seed(self, key: int | tuple[int, int]) -> tuple[int, int]:
-        """(index, augmentation seed) of a key."""
-        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
-        return int(index), augment_seed(self.seed, epoch, index)
+    def sample_seed(self, key: int | tuple[int, ...]) -> tuple[int, int]:
+        """(index, augmentation seed) of a key: an index, (epoch, index) or (epoch, index, repeat)."""
+        epoch, index, *repeat = key if isinstance(key, tuple) else (self.epoch, key)
+        return int(index), augment_seed(self.seed, epoch, index, *repeat)
 
     def __getitem__(self, key: int | tuple[int, int]) -> Any:
         index, seed = self.sample_seed(key)

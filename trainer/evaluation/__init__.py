@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from trainer.config import EvaluationConfig
-from trainer.evaluation.classification import knn_top1, linear_probe_top1
+from trainer.evaluation.classification import head_top1, knn_top1, linear_probe_top1
 from trainer.evaluation.depth import depth_probe
 from trainer.evaluation.features import FeatureCache, Features, TokenFn, backbone_tokens, extract_features
 from trainer.evaluation.metrics import IGNORE_INDEX
@@ -134,7 +134,8 @@ class _Run:
 
     def classification(self) -> dict[str, float]:
         pair = _split_pair(self.eval_data, "classification")
-        if pair is None or not (self.cfg.linear or self.cfg.knn):
+        head = self.cfg.head_top1 and self.cfg.features == "backbone"
+        if pair is None or not (self.cfg.linear or self.cfg.knn or head):
             return {}
         with _timed("classification features"):
             train, val = self.features(pair, dense=False)
@@ -148,6 +149,8 @@ class _Run:
                 out["linear_top1_cls_patch"] = linear_probe_top1(
                     torch.cat([train.cls, train.mean_patch], dim=1), train.targets,
                     torch.cat([val.cls, val.mean_patch], dim=1), val.targets, num_classes, **self.probe_args)
+        if head and (top1 := head_top1(self.backbone, val, self.device)) is not None:
+            out["head_top1"] = top1
         if self.cfg.knn:
             with _timed("k-NN"):
                 out["knn_top1"] = knn_top1(

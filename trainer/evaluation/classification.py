@@ -1,4 +1,5 @@
-"""Image classification from frozen global features: a linear probe and a weighted k-NN (as DINO)."""
+"""Image classification from frozen global features: a linear probe and a weighted k-NN (as DINO),
+and the trained classifier's own top-1 (`head_top1`, the number DeiT-III reports)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
-from trainer.evaluation.features import Standardizer, fit_probe
+from trainer.evaluation.features import Features, Standardizer, fit_probe
 from trainer.evaluation.metrics import top1_accuracy
 
 KNN_TEMPERATURE = 0.07  # DINO's temperature for the exp(sim / T) vote weights
@@ -78,3 +79,16 @@ def knn_top1(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, num
     device = torch.device(device)
     predictions = knn_predict(train_x.to(device), train_y, val_x.to(device), num_classes, k)
     return top1_accuracy(predictions.cpu(), val_y.long())
+
+
+@torch.no_grad()
+def head_top1(backbone: nn.Module, features: Features, device: torch.device | str = "cpu") -> float | None:
+    """The backbone's own classifier on cached final tokens, as timm's `forward_head`: the [CLS]
+    token (global_pool token) or the patch mean (avg), then fc_norm and head. None without a
+    classifier (num_classes 0) or for another pooling."""
+    pool = getattr(backbone, "global_pool", None)
+    if not getattr(backbone, "num_classes", 0) or pool not in ("token", "avg"):
+        return None
+    pooled = features.cls if pool == "token" else features.mean_patch
+    head = nn.Sequential(backbone.fc_norm, backbone.head)
+    return top1_accuracy(_predict(head, pooled.to(device)).cpu(), features.targets)

@@ -32,7 +32,7 @@ def build_meta_arch(cfg: TrialConfig, backbone_factory: Callable[[], nn.Module],
     sets its teacher momentum and temperature schedules.
     """
     if cfg.framework == "supervised":
-        return SupervisedMetaArch(backbone_factory(), num_classes, cfg.supervised)
+        return SupervisedMetaArch(backbone_factory(), num_classes, cfg.supervised, seed=cfg.seed)
     if cfg.framework == "dinov2":
         return DINOv2MetaArch(backbone_factory(), backbone_factory(), cfg.dinov2, total_steps, seed=cfg.seed,
                               warmup_form=cfg.schedule.warmup_form)

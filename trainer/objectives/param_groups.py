@@ -1,4 +1,4 @@
-"""Optimizer parameter groups: each parameter's learning-rate and weight-decay multipliers.
+"""The optimizer and its parameter groups: each parameter's learning-rate and weight-decay multipliers.
 
 Two rules for which parameters are decayed (`optimizer.no_weight_decay`):
 - `trainer` (this project's default): every parameter with ndim <= 1 (biases, norm affines,
@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+from timm.optim import create_optimizer_v2
 from torch import nn
 
 WeightDecayRule = Literal["trainer", "dinov2"]
@@ -100,3 +102,12 @@ def backbone_parameters(backbone: nn.Module, prefix: str = "") -> list[tuple[str
 
 def head_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter, int | None]]:
     return [(name, param, None) for name, param in module.named_parameters()]
+
+
+def build_optimizer(groups: list[dict[str, Any]], optimizer: Any, device: torch.device) -> torch.optim.Optimizer:
+    """`optimizer.name` over `groups`: torch's AdamW (fused on GPU: one kernel for all parameters),
+    or LAMB from timm's optimizer factory (DeiT-III's `--opt fusedlamb`; timm's `lamb` is its
+    port of NVIDIA's FusedLAMB). Each step's lr and weight decay come from `apply_optimizer_schedule`."""
+    if optimizer.name == "lamb":
+        return create_optimizer_v2(groups, opt="lamb", lr=optimizer.lr, weight_decay=0.0, betas=optimizer.betas)
+    return torch.optim.AdamW(groups, lr=optimizer.lr, betas=optimizer.betas, fused=device.type == "cuda" or None)
