@@ -390,6 +390,22 @@ def test_paper_sweeps_train_with_the_official_recipes(path):
         assert config["model"]["layer_scale_init"] == 1e-4 and config["supervised"]["mixup_alpha"] == 0.8
 
 
+def test_paper_register_and_block_range_ablations():
+    registers = expand(load_spec(REPO / "sweeps" / "paper" / "registers.yaml"), VERSION)
+    settings = {(t.config["model"]["specialization"], t.config["model"]["reg_tokens"],
+                 t.config["model"]["registers_follow"]) for t in registers}
+    paper = Specialization.parse("paper").canonical()
+    assert {(paper, 4, "cls"), (paper, 4, "patch"), (paper, 0, "cls"), ("none", 4, "patch")} <= settings
+    ranges = expand(load_spec(REPO / "sweeps" / "paper" / "qkv_ranges.yaml"), VERSION)
+    qkv = {t.cell["specialization"]: Specialization.parse(t.config["model"]["specialization"]) for t in ranges}
+    depth = 12
+    blocks = {name: [i for i, plan in enumerate(spec.block_plan(depth)) if "qkv" in plan] for name, spec in qkv.items()}
+    assert blocks == {"none": [], "norms_ls": [], "qkv_first_third": [0, 1, 2, 3], "qkv_last_third": [8, 9, 10, 11],
+                      "qkv_all": list(range(12))}
+    # the first-third arm is the paper's set, so both sweeps share that trial through the store
+    assert {t.trial_id for t in ranges if t.cell["specialization"] == "qkv_first_third"} <= {t.trial_id for t in registers}
+
+
 def test_default_sweep_trades_arms_for_seeds_and_the_broad_comparison_has_its_own_spec():
     spec = load_spec(REPO / "sweeps" / "component_ablation.yaml")
     assert spec.axis("specialization").value_names == ["none", "norms", "qkv", "paper", "all", "matched"]
