@@ -356,3 +356,27 @@ def test_the_report_shows_each_control_as_a_row_of_every_table_and_never_compare
 
 def _csv_rows(text: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_a_metric_a_control_cannot_report_is_footnoted_with_the_schemas_reason(tmp_path):
+    from orchestrator.report.collect import with_unavailable_reasons
+    from orchestrator.spec.controls import plain_sweep_trials
+
+    spec = spec_with(tmp_path, "why", axes=CROSSING_AXES, seeds=[0, 1],
+                     report={"compare": ["specialization"], "metrics": ["head_top1", "seg_miou"],
+                             "controls": ["untrained", "pixels"]})
+    plans = plain_sweep_trials(spec, VERSION)
+    by_control = {p.control: p for p in plans}
+    outcomes = [TrialOutcome(trial_id=p.trial_id, cell=dict(p.cell), seed=p.seed, state="done", source="disk",
+                             control=p.control, metrics={"seg_miou": 0.5, **({} if p.control == "pixels" else
+                                                                             {"head_top1": 0.6})})
+                for p in plans]
+    reasoned = {o.control: o for o in with_unavailable_reasons(outcomes, plans, ["head_top1", "seg_miou"])}
+    assert "pixels" in by_control and set(reasoned["pixels"].unavailable) == {"head_top1"}
+    assert "only framework supervised (with evaluation.features backbone)" in reasoned["pixels"].unavailable["head_top1"]
+    assert reasoned["untrained"].unavailable == {} and reasoned[None].unavailable == {}
+
+    table = build_tables(spec, list(reasoned.values()), table_metrics(["head_top1", "seg_miou"]))[0]
+    notes = "\n".join(table_markdown(table, "http://ui", None, VERSION).notes.render())
+    assert "`head_top1`: the trained classifier's own top-1: only framework supervised" in notes
+    assert "evaluation disabled or skipped?" not in notes

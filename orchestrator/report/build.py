@@ -11,7 +11,7 @@ from pathlib import Path
 
 from orchestrator.identity import code_version
 from orchestrator.plan import sweep_output_dir, tuned_trials
-from orchestrator.report.collect import collect_outcomes
+from orchestrator.report.collect import collect_outcomes, with_unavailable_reasons
 from orchestrator.report.csv_export import outcomes_csv, table_csv
 from orchestrator.report.document import ReportHeader, SearchOverview, TableAssets, report_markdown
 from orchestrator.report.format import DEFAULT_UI_BASE
@@ -55,6 +55,7 @@ def build_report(spec: SweepSpec, *, output: Path | str | None = None, root: Pat
         plans = plain_sweep_trials(spec, version)
 
     collection = collect_outcomes(spec, plans, paths, version)
+    collection.outcomes = with_unavailable_reasons(collection.outcomes, plans, list(spec.report.metrics))
     tables = build_tables(spec, collection.outcomes, table_metrics(list(spec.report.metrics)))
 
     stem = output.stem

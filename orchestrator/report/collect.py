@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,8 @@ from orchestrator.plan import sweep_output_dir
 from orchestrator.report.borrow import borrow_from_other_code_versions
 from orchestrator.report.mlflow_runs import MlflowFetch, MlflowRun, fetch_mlflow_runs, pick_run
 from orchestrator.report.outcome import Collection, TrialOutcome
+from trainer.config import TrialConfig
+from trainer.metric_names import metric_table
 
 if TYPE_CHECKING:
     from orchestrator.ledger import TrialRecord
@@ -112,3 +115,19 @@ def collect_outcomes(spec: SweepSpec, plans: Sequence[TrialPlan], paths: Project
     return Collection(outcomes=outcomes, tracking_uri=uri, experiment=experiment,
                       experiment_id=fetched.experiment_id, mlflow_error=error,
                       current_code_version=current_code_version)
+
+
+def with_unavailable_reasons(outcomes: list[TrialOutcome], plans: Sequence[TrialPlan],
+                             metrics: Sequence[str]) -> list[TrialOutcome]:
+    """`outcomes` with, for each of `metrics` its trial's config cannot report (raw pixels have no
+    classifier head, a disabled probe), the schema's reason (`trainer.metric_names.metric_table`)."""
+    configs = {plan.trial_id: plan.config for plan in plans}
+    out = []
+    for outcome in outcomes:
+        config = configs.get(outcome.trial_id)
+        reasons: dict[str, str] = {}
+        if config is not None:
+            table = metric_table(TrialConfig.model_validate(config))
+            reasons = {m: why for m in metrics if (why := table.get(m))}
+        out.append(replace(outcome, unavailable=reasons) if reasons else outcome)
+    return out

@@ -104,8 +104,10 @@ def _missing_mark(table: ComparisonTable, row: Row, metric: MetricSpec, notes: F
         mark = notes.mark(row_note(row) or "no finished seed")
         return MISSING + mark, mark
     if row.cells[metric.name].summary.n == 0:
-        mark = notes.mark(f"`{metric.name}` not logged by any finished seed of this row "
-                          "(evaluation disabled or skipped?)")
+        reasons = {o.unavailable.get(metric.name) for o in row.done}
+        reason = reasons.pop() if len(reasons) == 1 else None
+        mark = notes.mark(f"`{metric.name}`: {reason}" if reason else
+                          f"`{metric.name}` not logged by any finished seed of this row (evaluation disabled or skipped?)")
         return NOT_LOGGED + mark, mark
     return "", ""
 

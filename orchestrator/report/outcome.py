@@ -24,6 +24,9 @@ class TrialOutcome:
     # (this trial itself has not run yet): the id of that older trial.
     stale_from: str | None = None
     control: str | None = None  # a control trial's name (report.controls): a floor, in no comparison
+    # metric -> why this trial's config cannot report it (trainer.metric_names.metric_table), for
+    # the footnote of a blank cell
+    unavailable: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def has_metrics(self) -> bool:
