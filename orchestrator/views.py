@@ -5,7 +5,6 @@ their cost, and how far each cell's search got. Rendering only: what to show com
 from __future__ import annotations
 
 from collections import Counter
-
 from pathlib import Path
 
 from rich.console import Group

@@ -126,7 +126,7 @@ def with_unavailable_reasons(outcomes: list[TrialOutcome], plans: Sequence[Trial
     for outcome in outcomes:
         config = configs.get(outcome.trial_id)
         reasons: dict[str, str] = {}
-        if config is not None:
+        if config is not None and not set(metrics) <= set(outcome.metrics):  # most outcomes have them all
             table = metric_table(TrialConfig.model_validate(config))
             reasons = {m: why for m in metrics if (why := table.get(m))}
         out.append(replace(outcome, unavailable=reasons) if reasons else outcome)

@@ -106,8 +106,8 @@ def _missing_mark(table: ComparisonTable, row: Row, metric: MetricSpec, notes: F
     if row.cells[metric.name].summary.n == 0:
         reasons = {o.unavailable.get(metric.name) for o in row.done}
         reason = reasons.pop() if len(reasons) == 1 else None
-        mark = notes.mark(f"`{metric.name}`: {reason}" if reason else
-                          f"`{metric.name}` not logged by any finished seed of this row (evaluation disabled or skipped?)")
+        mark = notes.mark(f"`{metric.name}`: {reason}" if reason else f"`{metric.name}` not logged by any "
+                          "finished seed of this row (evaluation disabled or skipped?)")
         return NOT_LOGGED + mark, mark
     return "", ""
 

@@ -13,9 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from trainer.config import error_message
-
-KeyPath = tuple[str, ...]
+from trainer.config_errors import KeyPath, error_message
 
 
 class Frozen(BaseModel):
