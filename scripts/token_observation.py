@@ -123,7 +123,7 @@ class Outcome:
     def stage(self, stage: str) -> tuple[float, float, float]:
         m = self.metrics
         return (m[f"tokens/{stage}_cls_patch_cos_pre"], m[f"tokens/{stage}_cls_patch_cos_post"],
-                m[f"tokens/{stage}_patch_patch_cos"])
+                m[f"tokens/{stage}_patch_patch_cos_post"])
 
     def holds(self, stage: str) -> bool:
         return observation_holds(*self.stage(stage))
@@ -257,10 +257,10 @@ def table(outcomes: list[Outcome]) -> list[str]:
 
 def block_lines(outcomes: list[Outcome]) -> list[str]:
     """Per-block [CLS]-patch cosine before -> after norm1, so a single block meeting it is visible."""
-    lines = ["| setting | " + " | ".join(f"block {i}" for i in range(len(outcomes[0].curves["cls_patch_cos_pre"])))
-             + " |", "|---|" + "---:|" * len(outcomes[0].curves["cls_patch_cos_pre"])]
+    lines = ["| setting | " + " | ".join(f"block {i}" for i in range(len(outcomes[0].curves["norm1"]["cls_patch_cos_pre"])))
+             + " |", "|---|" + "---:|" * len(outcomes[0].curves["norm1"]["cls_patch_cos_pre"])]
     for o in outcomes:
-        pairs = zip(o.curves["cls_patch_cos_pre"], o.curves["cls_patch_cos_post"])
+        pairs = zip(o.curves["norm1"]["cls_patch_cos_pre"], o.curves["norm1"]["cls_patch_cos_post"])
         lines.append(f"| {o.setting.name} | " + " | ".join(f"{a:+.2f} -> {b:+.2f}" for a, b in pairs) + " |")
     return lines
 
@@ -283,7 +283,7 @@ def summary(outcomes: list[Outcome]) -> list[str]:
     lines.append(f"[CLS]-patch cosine before norm1 >= {PRE_MIN} in a stage: "
                  f"{', '.join(positive) if positive else 'no setting'}.")
     drop, where = max((pre - post, f"{o.setting.name} block {i}") for o in outcomes
-                      for i, (pre, post) in enumerate(zip(o.curves["cls_patch_cos_pre"], o.curves["cls_patch_cos_post"])))
+                      for i, (pre, post) in enumerate(zip(o.curves["norm1"]["cls_patch_cos_pre"], o.curves["norm1"]["cls_patch_cos_post"])))
     lines.append(f"What norm1 does to it: the largest drop from before to after norm1 in any block of any setting is "
                  f"{drop:+.3f} ({where}).")
     spreads = [x for o in outcomes for x in o.norm1_spread]
@@ -303,10 +303,11 @@ def plot(outcomes: list[Outcome], out_png: Path) -> Path:
     fig = Figure(figsize=(4.2 * columns, 3.4 * rows))
     axes = fig.subplots(rows, columns, squeeze=False, sharey=True)
     for ax, o in zip(axes.flat, outcomes):
-        blocks = range(len(o.curves["cls_patch_cos_pre"]))
-        ax.plot(blocks, o.curves["cls_patch_cos_pre"], "o-", label="[CLS]-patch, before norm1")
-        ax.plot(blocks, o.curves["cls_patch_cos_post"], "o-", label="[CLS]-patch, after norm1")
-        ax.plot(blocks, o.curves["patch_patch_cos"], "s--", label="patch-patch, after norm1")
+        blocks = range(len(o.curves["norm1"]["cls_patch_cos_pre"]))
+        ax.plot(blocks, o.curves["norm1"]["cls_patch_cos_pre"], "o-", label="[CLS]-patch, before norm1")
+        ax.plot(blocks, o.curves["norm1"]["cls_patch_cos_post"], "o-", label="[CLS]-patch, after norm1")
+        ax.plot(blocks, o.curves["norm1"]["patch_patch_cos_pre"], "s--", label="patch-patch, before norm1")
+        ax.plot(blocks, o.curves["norm1"]["patch_patch_cos_post"], "s--", label="patch-patch, after norm1")
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.axhspan(-POST_MAX_ABS, POST_MAX_ABS, color="grey", alpha=0.15, linewidth=0)
         ax.axhline(PRE_MIN, color="grey", linewidth=0.8, linestyle=":")

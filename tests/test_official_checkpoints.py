@@ -158,3 +158,33 @@ def test_a_trial_config_mismatch_names_the_trial_keys(tmp_path):
     model = _trial_backbone(tmp_path, specialization="paper", pretrained=str(path), reg_tokens=4,
                             no_embed_class=True, patch_size=8)
     _assert_same_function(model, _vanilla(patch=8, reg_tokens=4, no_embed_class=True))
+
+
+def test_the_calibration_path_evaluates_a_dinov2_checkpoint_as_it_is(tmp_path):
+    """sweeps/paper/calibration.yaml at micro size: `schedule.steps: 0` loads the DINOv2 layout and
+    the dinov2 protocol evaluates those very weights (its k-NN equals k-NN on the vanilla model)."""
+    from orchestrator.mlflow_store import final_metrics
+    from trainer.config import parse_config
+    from trainer.data import build_eval_datasets
+    from trainer.evaluation.dinov2.classification import dinov2_knn
+    from trainer.loop import Trial
+
+    from support.protocols import DINOV2_SMALL
+
+    vanilla = _vanilla(patch=4, img=32)  # the micro scale's width, depth and heads (SIZES)
+    path = tmp_path / "dinov2_micro_pretrain.pth"
+    torch.save(dinov2_layout(vanilla), path)
+    cfg = parse_config({
+        "framework": "dinov2",
+        "model": {"scale": "micro", "specialization": "none", "pretrained": str(path), "layer_scale_init": 1e-4},
+        "data": {"scenes": {"train_size": 96, "val_size": 48}},
+        "schedule": {"steps": 0, "warmup_steps": 0, "batch_size": 16},
+        "evaluation": {"protocol": "dinov2", "dinov2": DINOV2_SMALL, "segmentation": False, "depth": False,
+                       "linear": False, "token_interaction": False},
+        "tracking": {"enabled": False}, "runtime": {"threads": 1, "compile": "off"}})
+    result = Trial(cfg, tmp_path / "out", log=lambda message: None).run()
+    assert result is not None and result.done
+    data = build_eval_datasets(cfg)
+    direct = dinov2_knn(vanilla, *data.classification, data.num_classes, **cfg.evaluation.dinov2.knn.model_dump())
+    measured = {k: v for k, v in final_metrics(result).items() if k.startswith("knn_top1")}
+    assert measured == pytest.approx(direct, abs=1e-9) and set(measured) == {"knn_top1", "knn_top1_k5", "knn_top1_k20"}

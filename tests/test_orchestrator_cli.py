@@ -18,7 +18,7 @@ from rich.console import Console
 from orchestrator.cli import main
 from orchestrator.commands import run_sweep
 from orchestrator.plan import estimate_train_flops
-from orchestrator.spec import load_spec
+from orchestrator.spec import expand, load_spec
 
 from conftest import MICRO_BASE, PYTHON, REPO, orchestrator_env, pid_alive, read_ledger, wait_for, write_spec
 
@@ -170,6 +170,14 @@ def test_run_refuses_files_a_trial_would_miss_but_plan_does_not(tmp_path, projec
     assert "nothingwasrun" in err and "".join(expected.split()) in err
     assert list(project_root.iterdir()) == []
     assert main(["plan", str(spec)]) == 0  # planning works where the data is not (a laptop, a login node)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps" / "paper").glob("*.yaml")), ids=lambda p: p.stem)
+def test_paper_sweeps_plan_with_the_dinov2_protocol(path, project_root, capsys):
+    assert main(["plan", str(path)]) == 0
+    assert "new, 0 kept, 0 gone" in capsys.readouterr().out
+    assert {t.config["evaluation"]["protocol"] for t in expand(load_spec(path), "v")} == {"dinov2"}
+    assert list(project_root.iterdir()) == []
 
 
 def test_missing_spec_and_bad_override_exit_2(tmp_path, project_root, capsys):

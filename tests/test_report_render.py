@@ -240,16 +240,20 @@ def test_bold_marks_the_best_mean_direction_aware():
     assert not rows[(RMSE, "paper")]["mean ± std"].startswith("**")
 
 
-def test_token_columns_show_the_cosine_before_and_after_norm1():
+def test_token_columns_show_the_cosines_before_and_after_norm1_side_by_side():
     tokens = {"tokens/early_cls_patch_cos_pre": 0.61, "tokens/early_cls_patch_cos_post": 0.02,
-              "tokens/late_cls_patch_cos_pre": 0.55, "tokens/late_cls_patch_cos_post": -0.01}
+              "tokens/late_cls_patch_cos_pre": 0.55, "tokens/late_cls_patch_cos_post": -0.01,
+              "tokens/early_patch_patch_cos_pre": 0.48, "tokens/early_patch_patch_cos_post": 0.41}
     outcomes = [TrialOutcome(**{**o.__dict__, "metrics": {**o.metrics, **tokens}}) if o.metrics else o
                 for o in sample_outcomes()]
     _, text, _, _ = render_first_table(outcomes)
-    assert header_of(text.tokens) == ["specialization", "early, before norm1", "early, after norm1",
-                                      "late, before norm1", "late, after norm1"]
+    # Late patch-patch was not logged by any trial: its columns are left out.
+    assert header_of(text.tokens) == ["specialization", "early, [CLS]-patch before", "early, [CLS]-patch after",
+                                      "early, patch-patch before", "early, patch-patch after",
+                                      "late, [CLS]-patch before", "late, [CLS]-patch after"]
     none = side_rows(text.tokens)["none (ref.)"]
-    assert none["early, before norm1"] == "0.610 ± 0.000" and none["late, after norm1"] == "-0.010 ± 0.000"
+    assert none["early, [CLS]-patch before"] == "0.610 ± 0.000" and none["late, [CLS]-patch after"] == "-0.010 ± 0.000"
+    assert none["early, patch-patch before"] == "0.480 ± 0.000" and none["early, patch-patch after"] == "0.410 ± 0.000"
 
 
 def test_columns_no_trial_logged_are_left_out_and_named_once():

@@ -11,6 +11,7 @@ from orchestrator.identity import code_version, trial_id
 from orchestrator.plan import diff_plan
 from orchestrator.spec import SpecError, SweepSpec, TrialPlan, expand, load_spec, spec_hash
 from trainer.config import TrackingConfig, TrialConfig, parse_config
+from trainer.scales import SCALES
 from trainer.specialization import Specialization
 
 REPO = Path(__file__).resolve().parents[1]
@@ -367,7 +368,10 @@ def test_shipped_sweeps_load_and_expand(path):
         assert spec.backend.kind == "local" and spec.backend.max_parallel == 2
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "sweeps" / "paper").glob("*.yaml")), ids=lambda p: p.stem)
+PAPER_TRAINING = sorted(p for p in (REPO / "sweeps" / "paper").glob("*.yaml") if p.stem != "calibration")
+
+
+@pytest.mark.parametrize("path", PAPER_TRAINING, ids=lambda p: p.stem)
 def test_paper_sweeps_train_with_the_official_recipes(path):
     from orchestrator.views import recipe_line
 
@@ -388,6 +392,19 @@ def test_paper_sweeps_train_with_the_official_recipes(path):
         assert config["recipe"] == "deit3" and config["optimizer"]["name"] == "lamb"
         assert config["schedule"]["batch_size"] == 2048 and config["data"]["repeated_augmentation"] == 3
         assert config["model"]["layer_scale_init"] == 1e-4 and config["supervised"]["mixup_alpha"] == 0.8
+
+
+def test_calibration_evaluates_the_released_dinov2_weights_as_they_are():
+    trials = expand(load_spec(REPO / "sweeps" / "paper" / "calibration.yaml"), VERSION)
+    widths = {}
+    for trial in trials:
+        cfg = TrialConfig.model_validate(trial.config)
+        assert cfg.schedule.steps == 0 and cfg.evaluation.protocol == "dinov2" and cfg.framework == "dinov2"
+        assert cfg.model.specialization == "none" and cfg.model.layer_scale_init == 1e-5
+        # dinov2_vit{s,b}14_pretrain.pth: patch 14, pos_embed of 1 + 37 x 37 positions (518 px)
+        assert (cfg.model.resolved_patch_size, cfg.model.resolved_img_size) == (14, 518)
+        widths[cfg.model.pretrained.name] = SCALES[cfg.model.scale]["embed_dim"]
+    assert widths == {"dinov2_vits14_pretrain.pth": 384, "dinov2_vitb14_pretrain.pth": 768}
 
 
 def test_paper_register_and_block_range_ablations():

@@ -10,6 +10,7 @@ import torch
 from matplotlib.image import imread
 
 import trainer.models as tm
+from trainer.metric_names import TOKEN_BLOCK_MEASURES, TOKEN_STAGE_MEASURES
 from trainer.evaluation.token_interaction import (
     analyze_token_interaction,
     cls_patch_cosine,
@@ -78,32 +79,72 @@ def test_early_and_late_thirds_round_like_the_specialization_rules():
 # --- hooks on real models -------------------------------------------------------------------------
 
 
-def _manual_norm1_tokens(model, x):
-    """(pre, post) tokens at every block's norm1, by running timm's forward step by step."""
-    out = []
+def _manual_norm_tokens(model, x):
+    """(pre, post) tokens at every block's norm1 and norm2 and at the final norm, by running timm's
+    forward step by step."""
+    sites = {"norm1": [], "norm2": [], "final_norm": []}
     with torch.no_grad():
         h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
         for blk in model.blocks:
-            out.append((h, blk.norm1(h)))
-            h = blk(h)
-    return out
+            sites["norm1"].append((h, blk.norm1(h)))
+            h = h + blk.ls1(blk.attn(blk.norm1(h)))
+            sites["norm2"].append((h, blk.norm2(h)))
+            h = h + blk.ls2(blk.mlp(blk.norm2(h)))
+        sites["final_norm"].append((h, model.norm(h)))
+    return sites
 
 
-def test_hooks_capture_each_block_norm1_input_and_output():
-    model = tiny_vit(reg_tokens=2)
+def test_hooks_capture_every_norm_input_and_output():
+    model = tiny_vit(reg_tokens=2, init_values=0.5)  # LayerScale large enough for the blocks to matter
     x = images()
     result = analyze_token_interaction(model, x, batch_size=4)  # two batches: accumulation
     assert result.depth == 4 and result.num_images == 6
-    for i, (pre, post) in enumerate(_manual_norm1_tokens(model, x)):
-        p = model.num_prefix_tokens
-        assert result.cls_patch_cos_pre[i] == pytest.approx(cls_patch_cosine(pre, p).mean().item(), abs=1e-5)
-        assert result.cls_patch_cos_post[i] == pytest.approx(cls_patch_cosine(post, p).mean().item(), abs=1e-5)
-        assert result.patch_patch_cos[i] == pytest.approx(patch_patch_cosine(post, p).mean().item(), abs=1e-5)
-        cls_mag, patch_mag = dimension_magnitudes(post, p)
-        assert torch.allclose(result.cls_magnitude[i], cls_mag.mean(0), atol=1e-5)
-        assert torch.allclose(result.patch_magnitude[i], patch_mag.mean(0), atol=1e-5)
+    p = model.num_prefix_tokens
+    for site, pairs in _manual_norm_tokens(model, x).items():
+        curves = result.norms[site]
+        assert len(curves) == len(pairs)
+        for i, (pre, post) in enumerate(pairs):
+            assert curves.cls_patch_cos_pre[i] == pytest.approx(cls_patch_cosine(pre, p).mean().item(), abs=1e-5)
+            assert curves.cls_patch_cos_post[i] == pytest.approx(cls_patch_cosine(post, p).mean().item(), abs=1e-5)
+            assert curves.patch_patch_cos_pre[i] == pytest.approx(patch_patch_cosine(pre, p).mean().item(), abs=1e-5)
+            assert curves.patch_patch_cos_post[i] == pytest.approx(patch_patch_cosine(post, p).mean().item(),
+                                                                    abs=1e-5)
+            cls_mag, patch_mag = dimension_magnitudes(post, p)
+            assert torch.allclose(curves.cls_magnitude[i], cls_mag.mean(0), atol=1e-5)
+            assert torch.allclose(curves.patch_magnitude[i], patch_mag.mean(0), atol=1e-5)
+            # The gain per dimension: mean |after| / mean |before| over each token type.
+            cls_pre, patch_pre = dimension_magnitudes(pre, p)
+            assert torch.allclose(curves.cls_gain[i], cls_mag.mean(0) / cls_pre.mean(0), rtol=1e-4)
+            assert torch.allclose(curves.patch_gain[i], patch_mag.mean(0) / patch_pre.mean(0), rtol=1e-4)
+    # The blocks change the tokens: norm2 of block 0 sees other tokens than norm1 of block 0.
+    assert result.norms["norm2"].cls_patch_cos_pre[0] != pytest.approx(result.norm1.cls_patch_cos_pre[0], abs=1e-4)
     # Hooks are removed afterwards.
-    assert all(not blk.norm1._forward_hooks for blk in model.blocks)
+    assert all(not blk.norm1._forward_hooks and not blk.norm2._forward_hooks for blk in model.blocks)
+    assert not model.norm._forward_hooks
+
+
+def test_norm_gain_of_a_layernorm_follows_its_affine_weight_per_token_type():
+    """A two-branch norm1 with [CLS] weight 2 and patch weight 0.5 on constant-scale inputs: the
+    gains of the two token types differ by the weights' ratio, dimension by dimension."""
+    torch.manual_seed(0)
+    model = timm.create_model(tm.MODEL_NAMES["micro"], specialization="norm1", **MICRO).eval()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.norm1.prefix.weight.fill_(2.0)
+            blk.norm1.patch.weight.fill_(0.5)
+            blk.norm1.prefix.bias.zero_()
+            blk.norm1.patch.bias.zero_()
+    x = images()
+    result = analyze_token_interaction(model, x)
+    pairs = _manual_norm_tokens(model, x)["norm1"]
+    for i, (pre, _) in enumerate(pairs):
+        # By hand: LayerNorm without affine, then the token type's weight.
+        plain = torch.nn.functional.layer_norm(pre, pre.shape[-1:], eps=model.blocks[i].norm1.patch.eps)
+        p = model.num_prefix_tokens
+        cls_gain = 2.0 * plain[:, 0].abs().mean(0) / pre[:, 0].abs().mean(0)
+        patch_gain = 0.5 * plain[:, p:].abs().mean((0, 1)) / pre[:, p:].abs().mean((0, 1))
+        assert torch.allclose(result.norm1.cls_gain[i], cls_gain, rtol=1e-4)
+        assert torch.allclose(result.norm1.patch_gain[i], patch_gain, rtol=1e-4)
 
 
 def test_specialized_norm1_that_separates_token_types_gives_zero_cosine():
@@ -121,9 +162,9 @@ def test_specialized_norm1_that_separates_token_types_gives_zero_cosine():
             blk.norm1.prefix.bias.zero_()
             blk.norm1.patch.bias.zero_()
     result = analyze_token_interaction(model, images())
-    assert result.cls_patch_cos_post == pytest.approx([0.0] * 4, abs=1e-6)
-    assert all(abs(c) > 1e-3 for c in result.cls_patch_cos_pre)  # before the norm they were not
-    assert result.dominant_dims == [(1 / dim, (dim - 1) / dim)] * 4
+    assert result.norm1.cls_patch_cos_post == pytest.approx([0.0] * 4, abs=1e-6)
+    assert all(abs(c) > 1e-3 for c in result.norm1.cls_patch_cos_pre)  # before the norm they were not
+    assert result.norm1.dominant_dims == [(1 / dim, (dim - 1) / dim)] * 4
     metrics = result.metrics
     assert metrics["tokens/early_cls_patch_cos_post"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["tokens/early_type_specific_dims"] == pytest.approx(1.0)
@@ -134,9 +175,10 @@ def test_metrics_keys_and_thirds(tmp_path):
     result = analyze_token_interaction(model, images(4), out_png=tmp_path / "plots" / "tokens.png")
     m = result.metrics
     for i in range(4):
-        for key in ("cls_patch_cos_pre", "cls_patch_cos_post", "patch_patch_cos", "cls_dominant_dims",
-                    "patch_dominant_dims"):
+        for key in TOKEN_BLOCK_MEASURES:
             assert f"tokens/block{i}/{key}" in m
+    for key in TOKEN_STAGE_MEASURES:  # norm2 by thirds, the final norm as it is
+        assert {f"tokens/norm2/early_{key}", f"tokens/norm2/late_{key}", f"tokens/final_norm/{key}"} <= set(m)
     # Depth 4: the first and last third are one block each.
     assert m["tokens/early_cls_patch_cos_post"] == m["tokens/block0/cls_patch_cos_post"]
     assert m["tokens/late_cls_patch_cos_post"] == m["tokens/block3/cls_patch_cos_post"]

@@ -66,8 +66,8 @@ def test_a_tiny_real_trial_is_run_collected_reused_and_reported(tmp_path):
     out = obs.run_setting(tiny, runs, sys.executable, REPO)
     outcome = obs.collect(tiny, runs)
     assert outcome is not None and outcome.result["steps"] == 2
-    depth = len(outcome.curves["cls_patch_cos_pre"])
-    assert depth == 6 and len(outcome.curves["cls_patch_cos_post"]) == depth
+    depth = len(outcome.curves["norm1"]["cls_patch_cos_pre"])
+    assert depth == 6 and len(outcome.curves["norm1"]["cls_patch_cos_post"]) == depth
     for stage in obs.STAGES:
         pre, post, patch_patch = outcome.stage(stage)
         assert -1 <= pre <= 1 and -1 <= post <= 1 and -1 <= patch_patch <= 1

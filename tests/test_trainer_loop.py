@@ -404,3 +404,18 @@ def test_a_corrupt_checkpoint_falls_back_or_restarts_and_never_fails_the_trial(t
         assert "training starts over from step 0" in text
     # Resume is exact from any step, so the metrics are the uninterrupted run's.
     assert result.metrics == reference.metrics
+
+
+@pytest.mark.parametrize("framework", ["supervised", "dinov2"])
+def test_the_dinov2_protocol_gets_a_backbone_that_takes_any_image_size(framework):
+    """Its segmentation crops are 512 px and its depth images 480 x 640, whatever the trial trains at."""
+    from trainer.loop import backbone_factory
+
+    config = {"framework": framework, "model": {"scale": "micro"}}
+    backbone = backbone_factory(TrialConfig.model_validate({**config, "evaluation": {"protocol": "dinov2"}}))()
+    grid = backbone.forward_intermediates(torch.zeros(1, 3, 48, 64), indices=[0], intermediates_only=True)[0]
+    assert grid.shape[-2:] == (12, 16)  # micro: patch 4
+    if framework == "supervised":  # the quick protocol keeps the model trained at one size
+        fixed = backbone_factory(TrialConfig.model_validate(config))()
+        with pytest.raises(AssertionError):
+            fixed.forward_intermediates(torch.zeros(1, 3, 48, 64), indices=[0], intermediates_only=True)

@@ -9,13 +9,15 @@ files they name. The orchestrator validates sweep specs against this same schema
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from trainer.config_evaluation import EvaluationConfig
 from trainer.config_errors import (  # noqa: F401 (re-exported: config.ConfigError, ...)
     TRIAL_CHECK, ConfigError, KeyPath, error_message, fail_at, format_problems, format_validation_error)
+from trainer.config_types import Bool, Float, Int, Section
 from trainer.recipes import RecipeName, recipe_conflict, with_recipe
 from trainer.scales import SCALES
 from trainer.path_checks import file_problem, folder_problem, tracking_uri_problem
@@ -24,17 +26,6 @@ from trainer.yaml_guard import YamlGuardError, safe_load
 
 Scale = Literal["micro", "tiny", "small", "base", "large", "huge"]
 Framework = Literal["supervised", "dinov2"]
-# Strict scalars: YAML's `true` is not 1, 10.5 is not 10 and "10" is not a number; a float setting
-# still takes an integer (`lr: 1`).
-Int = Annotated[int, Strict()]
-Float = Annotated[float, Strict()]
-Bool = Annotated[bool, Strict()]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class ModelConfig(Section):
     scale: Scale = "micro"
     # A preset name (`none`, `paper`, `norms`, ...) or a rule string such as
@@ -226,26 +217,6 @@ class DINOv2Config(Section):
     local_crop_size: Int | None = Field(None, gt=0, description="default: img_size * 3/7 rounded to the patch size")
     global_crop_scale: tuple[Float, Float] = (0.32, 1.0)
     local_crop_scale: tuple[Float, Float] = (0.05, 0.32)
-
-
-class EvaluationConfig(Section):
-    linear: Bool = True
-    knn: Bool = True
-    head_top1: Bool = Field(True, description="the trained classifier's own top-1 on the test split (supervised)")
-    knn_k: Int = Field(20, gt=0)
-    segmentation: Bool = True
-    depth: Bool = True
-    token_interaction: Bool = True
-    probe_epochs: Int = Field(30, gt=0, description="epochs of the linear probes over cached features")
-    probe_lr: Float = Field(1e-2, gt=0)
-    max_train_samples: Int | None = Field(2048, gt=0, description="cap on probe training images")
-    max_val_samples: Int | None = Field(512, gt=0)
-    every_steps: Int = Field(0, ge=0, description=(
-        "steps between intermediate evaluations (linear + k-NN on the validation split, written to "
-        "DIR/progress.jsonl; what a search prunes on); 0: none"))
-    # pixels: the probes read the raw normalized pixel patches (the model's patch size) instead of
-    # the backbone's tokens: the floor a trained backbone must clear (trainer/evaluation/pixels.py).
-    features: Literal["backbone", "pixels"] = "backbone"
 
 
 class TrackingConfig(Section):

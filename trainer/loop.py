@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 import trainer.models as tm
 from trainer.checkpoint import TrainState, apply_checkpoint, read_checkpoint, save_checkpoint
 from trainer.config import TrialConfig
+from trainer.config_evaluation import EvaluationConfig, validation_evaluation
 from trainer.data import build_eval_datasets, build_train_dataset, num_classes, resolve_img_size
 from trainer.contract import (
     ERROR, NAN, OOM, PROGRESS_FILE, RESOLVED_CONFIG_FILE, RUN_ARTIFACT_FILES,
@@ -83,7 +84,9 @@ def backbone_factory(cfg: TrialConfig):
         init_values=m.layer_scale_init,
         no_embed_class=m.no_embed_class,
         num_classes=0,
-        dynamic_img_size=cfg.framework == "dinov2",  # local crops are smaller than global ones
+        # DINOv2's local crops are smaller than its global ones; its evaluation protocols feed 512 px
+        # crops and whole NYU images to any model.
+        dynamic_img_size=cfg.framework == "dinov2" or cfg.evaluation.protocol == "dinov2",
         **m.architecture(),
     )
     if m.patch_size:
@@ -285,13 +288,13 @@ class Trial:
 
     def _intermediate_evaluation(self, runtime: Runtime, tracker: Tracker, state: TrainState, meta_arch) -> None:
         """The cheap global probes on the validation split, appended to DIR/progress.jsonl: the
-        learning curve a hyperparameter search prunes on. Dense probes wait for the end."""
+        learning curve a hyperparameter search prunes on. Dense probes wait for the end. Every
+        process evaluates: feature extraction is split over them (trainer/evaluation/features.py)."""
+        started = time.perf_counter()
+        quick = validation_evaluation(self.cfg.evaluation, intermediate=True)
+        metrics = evaluate(meta_arch.eval_backbone, build_eval_datasets(self._with(quick), "validation"), quick,
+                           runtime.device, self.out_dir)
         if runtime.is_main:
-            started = time.perf_counter()
-            quick = self.cfg.evaluation.model_copy(update={"segmentation": False, "depth": False,
-                                                           "token_interaction": False})
-            metrics = evaluate(meta_arch.eval_backbone, build_eval_datasets(self.cfg, "validation"), quick,
-                               runtime.device, self.out_dir)
             metrics = {VALIDATION_PREFIX + k: v for k, v in metrics.items()}
             append_jsonl(self.out_dir / PROGRESS_FILE, {"step": state.step, "metrics": metrics})
             tracker.log_metrics(metrics, step=state.step)
@@ -310,18 +313,23 @@ class Trial:
         tracker.log_metrics({f"train/{k}": v for k, v in state.last_metrics.items()} | {"train/lr": lr,
                             "train/img_per_s": img_s}, step=state.step)
 
+    def _with(self, evaluation: EvaluationConfig) -> TrialConfig:
+        return self.cfg.model_copy(update={"evaluation": evaluation})
+
     def _finish(self, runtime: Runtime, tracker: Tracker, state: TrainState, meta_arch) -> TrialResult | None:
         result = None
+        # Every process evaluates (extraction and dense heads are split over them), so no rank
+        # waits in a barrier for the whole evaluation; rank 0 alone writes and logs.
+        backbone = meta_arch.eval_backbone
+        eval_start = time.perf_counter()
+        metrics = evaluate(backbone, build_eval_datasets(self.cfg), self.cfg.evaluation, runtime.device, self.out_dir)
+        if self.cfg.data.val_fraction:
+            quick = validation_evaluation(self.cfg.evaluation)
+            validation = evaluate(backbone, build_eval_datasets(self._with(quick), "validation"), quick,
+                                  runtime.device, self.out_dir)
+            metrics |= {VALIDATION_PREFIX + k: v for k, v in validation.items()}
+        eval_time = time.perf_counter() - eval_start
         if runtime.is_main:
-            backbone = meta_arch.eval_backbone
-            eval_start = time.perf_counter()
-            metrics = evaluate(backbone, build_eval_datasets(self.cfg), self.cfg.evaluation, runtime.device, self.out_dir)
-            if self.cfg.data.val_fraction:
-                no_plot = self.cfg.evaluation.model_copy(update={"token_interaction": False})
-                validation = evaluate(backbone, build_eval_datasets(self.cfg, "validation"), no_plot,
-                                      runtime.device, self.out_dir)
-                metrics |= {VALIDATION_PREFIX + k: v for k, v in validation.items()}
-            eval_time = time.perf_counter() - eval_start
             params = tm.parameter_report(backbone)
             flops = tm.count_flops(backbone, resolve_img_size(self.cfg))
             throughput = state.images_seen / state.train_time_s if state.train_time_s else None

@@ -107,9 +107,11 @@ LEGEND = (
     "marked *(control)* are floors (e.g. an untrained network), shown with values and never compared. **Bold** "
     "is the best mean of a metric (within each group of a crossing); ↑ higher is better, ↓ lower is better; Δ of "
     "a % metric is in percentage points (`pts`). The cost table shows the change relative to the reference row "
-    "in parentheses. The token table shows the cosine similarity between the [CLS] token and the patch tokens "
-    "before and after the pre-attention norm (norm1), averaged over the first (early) or last (late) third of the "
-    "blocks: the paper sees it clearly positive before norm1 and about 0 after. — and n/a always carry a footnote "
+    "in parentheses. The token table shows the cosine similarity between the [CLS] token and the patch tokens, and "
+    "between distinct patch tokens, before and after the pre-attention norm (norm1), averaged over the first "
+    "(early) or last (late) third of the blocks: the paper sees [CLS]-patch clearly positive before norm1 and about "
+    "0 after, and patch-patch staying positive (norm2 and the final norm: each trial's token_interaction.json and "
+    "plot). — and n/a always carry a footnote "
     "saying why. Runs link to MLflow; `disk:` marks numbers read from a trial's result.json. The CSV files hold "
     "the same tables in logged units (fractions, not %), with the uncorrected p-values."
 )
@@ -187,7 +189,7 @@ def comparison_markdown(table: ComparisonTable, header: ReportHeader) -> list[st
         if any(m.name == THROUGHPUT for m in table.metrics) and THROUGHPUT not in missing:
             lines += [INDICATIVE_NOTE, ""]
     if text.tokens:
-        lines += ["**Token interaction** ([CLS]-patch cosine, mean over the early / late third of the blocks)", "",
+        lines += ["**Token interaction** (cosine similarity before / after norm1, mean over the early / late third of the blocks)", "",
                   *text.tokens, ""]
     if missing and any(row.done for row in table.rows):
         lines += ["Not logged by any finished trial of this comparison: "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainer.metric_names import TOKEN_COSINES
+
 QUALITY = "quality"  # the main table: value, paired delta, interval, verdict; bolded best
 COST = "cost"  # the cost table: value and change to the reference (params, FLOPs, throughput)
 DESCRIPTIVE = "descriptive"  # the token table: value only, no better/worse (token cosines)
@@ -70,19 +72,18 @@ KNOWN_METRICS: dict[str, MetricSpec] = {m.name: m for m in [
     MetricSpec("wall_time_s", "Wall time", unit="s", decimals=0, higher_is_better=False, kind=COST),
     MetricSpec("peak_memory_mb", "Peak memory", unit="MB", decimals=0, higher_is_better=False, kind=COST),
     # Short headers (the legend spells them out): the paper sees the [CLS]-patch cosine clearly
-    # positive before norm1 and about 0 after it; showing only "after" would hide a trivial 0.
-    MetricSpec("tokens/early_cls_patch_cos_pre", "early, before norm1", decimals=3, kind=DESCRIPTIVE),
-    MetricSpec("tokens/early_cls_patch_cos_post", "early, after norm1", decimals=3, kind=DESCRIPTIVE),
-    MetricSpec("tokens/late_cls_patch_cos_pre", "late, before norm1", decimals=3, kind=DESCRIPTIVE),
-    MetricSpec("tokens/late_cls_patch_cos_post", "late, after norm1", decimals=3, kind=DESCRIPTIVE),
+    # positive before norm1 and about 0 after it, the patch-patch cosine positive on both sides;
+    # showing only "after" would hide a trivial 0.
+    *(MetricSpec(f"tokens/{stage}_{pair}_cos_{when}", f"{stage}, {label} {side}", decimals=3, kind=DESCRIPTIVE)
+      for stage in ("early", "late") for pair, label in (("cls_patch", "[CLS]-patch"), ("patch_patch", "patch-patch"))
+      for when, side in (("pre", "before"), ("post", "after"))),
 ]}
 
 # Always shown around the spec's quality metrics: what specialization costs, and what it does to
 # token interaction (the paper's mechanism), so every table answers "at which price, and why".
 COST_COLUMNS = ("params_total", "flops", "throughput_img_s")
 DEFAULT_REPORT_METRICS = ("linear_top1_cls", "knn_top1", "seg_miou", "depth_rmse")  # when a spec names none
-TOKEN_COLUMNS = ("tokens/early_cls_patch_cos_pre", "tokens/early_cls_patch_cos_post",
-                 "tokens/late_cls_patch_cos_pre", "tokens/late_cls_patch_cos_post")
+TOKEN_COLUMNS = tuple(f"tokens/{stage}_{measure}" for stage in ("early", "late") for measure in TOKEN_COSINES)
 LOWER_IS_BETTER_HINTS = ("rmse", "abs_rel", "loss", "error", "err", "_mae", "mse", "latency", "time", "memory")
 HIGHER_IS_BETTER_HINTS = ("top1", "top5", "acc", "miou", "iou", "map", "f1", "auc", "throughput")
 

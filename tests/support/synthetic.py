@@ -135,15 +135,15 @@ def synthetic_metrics(cell: Mapping[str, str], seed: int) -> dict[str, Any]:
         post = (0.02 if specialized else 0.10) * (1 - i / depth) + rng.gauss(0, 0.005)
         metrics[f"tokens/block{i}/cls_patch_cos_pre"] = pre
         metrics[f"tokens/block{i}/cls_patch_cos_post"] = post
-        metrics[f"tokens/block{i}/patch_patch_cos"] = 0.4 + rng.gauss(0, 0.01)
+        metrics[f"tokens/block{i}/patch_patch_cos_pre"] = 0.45 + rng.gauss(0, 0.01)
+        metrics[f"tokens/block{i}/patch_patch_cos_post"] = 0.4 + rng.gauss(0, 0.01)
         metrics[f"tokens/block{i}/cls_dominant_dims"] = 0.05 + 0.1 * i / depth
         metrics[f"tokens/block{i}/patch_dominant_dims"] = 0.04 + 0.1 * i / depth
     third = max(1, round(depth / 3))
     for stage, blocks in (("early", range(third)), ("late", range(depth - third, depth))):
-        for kind in ("pre", "post"):
-            values = [metrics[f"tokens/block{i}/cls_patch_cos_{kind}"] for i in blocks]
-            metrics[f"tokens/{stage}_cls_patch_cos_{kind}"] = sum(values) / len(values)
-        metrics[f"tokens/{stage}_patch_patch_cos"] = 0.4
+        for measure in ("cls_patch_cos_pre", "cls_patch_cos_post", "patch_patch_cos_pre", "patch_patch_cos_post"):
+            values = [metrics[f"tokens/block{i}/{measure}"] for i in blocks]
+            metrics[f"tokens/{stage}_{measure}"] = sum(values) / len(values)
         metrics[f"tokens/{stage}_type_specific_dims"] = 0.1
     return metrics
 

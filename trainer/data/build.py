@@ -161,6 +161,7 @@ class EvalData:
     segmentation_num_classes: int | None = None  # including background for scenes
     ignore_index: int = IGNORE_INDEX
     max_depth: float | None = None  # the largest valid depth, for metrics/binning
+    classification_selection: Dataset | None = None  # protocol dinov2: where the linear grid picks
 
 
 def _cap(dataset: Dataset, limit: int | None, shuffle_seed: int | None = None) -> Dataset:
@@ -178,24 +179,54 @@ def _cap(dataset: Dataset, limit: int | None, shuffle_seed: int | None = None) -
 EvalSplit = Literal["test", "validation"]
 
 
-def _pair(cfg: "TrialConfig", make: Callable[[str], Dataset], transform: EvalTransform, shuffle: bool,
-          num_classes: int | None = None, split: EvalSplit = "test") -> tuple[Dataset, Dataset]:
-    """(probe train, probe eval) datasets from `make(split)`, capped to the evaluation sample limits.
-
-    The probes always fit on the train split minus the validation hold-out; they are scored on the
-    dataset's val split (`test`) or on the hold-out (`validation`)."""
+def _parts(cfg: "TrialConfig", make: Callable[[str], Dataset], shuffle: bool,
+           split: EvalSplit = "test") -> tuple[Dataset, Dataset, Dataset | None]:
+    """(probe train, scored, hold-out) raw datasets from `make(split)`, capped to the evaluation
+    sample limits. The probes always fit on the train split minus the validation hold-out; they are
+    scored on the dataset's val split (`test`) or on the hold-out (`validation`)."""
     probe_train, held_out = split_train(make("train"), cfg.data.val_fraction)
     scored = make("val") if split == "test" else held_out
     if scored is None:
         raise ValueError("validation metrics need data.val_fraction > 0")
-    parts = {"train": probe_train, "val": scored}
-    limits = {"train": cfg.evaluation.max_train_samples, "val": cfg.evaluation.max_val_samples}
-    train, val = (
-        EvalDataset(_cap(parts[name], limits[name], derive_seed("eval-subset", name) if shuffle else None),
-                    transform, num_classes=num_classes)
-        for name in ("train", "val")
-    )
-    return train, val
+    ev = cfg.evaluation
+    cap = lambda name, part, limit: _cap(part, limit, derive_seed("eval-subset", name) if shuffle else None)  # noqa: E731
+    return (cap("train", probe_train, ev.max_train_samples), cap("val", scored, ev.max_val_samples),
+            None if held_out is None else cap("val", held_out, ev.max_val_samples))
+
+
+def _pair(cfg: "TrialConfig", make: Callable[[str], Dataset], transform: EvalTransform, shuffle: bool,
+          num_classes: int | None = None, split: EvalSplit = "test") -> tuple[Dataset, Dataset]:
+    """(probe train, probe eval) datasets seen through the quick protocol's eval transform."""
+    train, val, _ = _parts(cfg, make, shuffle, split)
+    return EvalDataset(train, transform, num_classes=num_classes), EvalDataset(val, transform, num_classes=num_classes)
+
+
+def build_protocol_datasets(cfg: "TrialConfig", split: EvalSplit = "test") -> EvalData:
+    """evaluation.protocol dinov2: the raw samples (uint8 images at their own size, full-resolution
+    targets); the protocols crop and augment them themselves. Classification also gets the
+    hold-out (`classification_selection`), on which DINOv2's linear grid picks its setting."""
+    parts = functools.partial(_parts, cfg, split=split)
+    data, out = cfg.data, EvalData()
+    if data.dataset == "scenes":
+        make = lambda split: scenes_for(cfg, split)  # noqa: E731
+        c = data.scenes.num_classes
+        train, scored, held_out = parts(make, False)
+        return EvalData(classification=(train, scored), segmentation=(train, scored), depth=(train, scored),
+                        classification_selection=held_out, num_classes=c, segmentation_num_classes=c + 1,
+                        max_depth=BACKGROUND_DEPTH)
+    if data.classification_root is not None:
+        out.num_classes = num_classes(cfg)
+        train, scored, out.classification_selection = parts(
+            lambda part: ImageFolderDataset(data.classification_root, part), True)
+        out.classification = (train, scored)
+    if data.segmentation_root is not None:
+        out.segmentation_num_classes = SEGMENTATION_CLASSES[data.segmentation_layout]
+        out.segmentation = parts(
+            lambda part: SegmentationFolderDataset(data.segmentation_root, part, data.segmentation_layout), True)[:2]
+    if data.depth_root is not None:
+        out.depth = parts(lambda part: DepthFolderDataset(data.depth_root, part), True)[:2]
+        out.max_depth = NYU_MAX_DEPTH
+    return out
 
 
 def build_eval_datasets(cfg: "TrialConfig", split: EvalSplit = "test") -> EvalData:
@@ -203,7 +234,10 @@ def build_eval_datasets(cfg: "TrialConfig", split: EvalSplit = "test") -> EvalDa
     normalize only. Folders: each task present only if its root is set in cfg.data.
 
     split: `test` scores on the dataset's val split (the reported metrics); `validation` on the
-    hold-out of data.val_fraction (what a hyperparameter search selects on)."""
+    hold-out of data.val_fraction (what a hyperparameter search selects on). evaluation.protocol
+    dinov2 gets the raw samples instead (`build_protocol_datasets`)."""
+    if cfg.evaluation.protocol == "dinov2":
+        return build_protocol_datasets(cfg, split)
     pair = functools.partial(_pair, cfg, split=split)
     if cfg.data.dataset == "scenes":
         c = cfg.data.scenes.num_classes

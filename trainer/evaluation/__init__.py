@@ -31,7 +31,15 @@ from torch.utils.data import Dataset
 from trainer.config import EvaluationConfig
 from trainer.evaluation.classification import head_top1, knn_top1, linear_probe_top1
 from trainer.evaluation.depth import depth_probe
-from trainer.evaluation.features import FeatureCache, Features, TokenFn, backbone_tokens, extract_features
+from trainer.evaluation.dinov2.protocol import evaluate_dinov2, token_images
+from trainer.evaluation.features import (
+    FeatureCache,
+    Features,
+    TokenFn,
+    backbone_tokens,
+    extract_features,
+    process_group,
+)
 from trainer.evaluation.metrics import IGNORE_INDEX
 from trainer.evaluation.pixels import pixel_tokens
 from trainer.evaluation.segmentation import infer_num_classes, segmentation_probe
@@ -67,6 +75,8 @@ def evaluate(
     backbone's tokens (the backbone gives only its patch size) and skips the token analysis.
     `batch_size`/`num_workers`: feature extraction's loader. `amp`: bf16 autocast for extraction on
     CUDA. Pass the bare backbone (not a DDP wrapper); its train/eval mode is restored on return.
+    Under torch.distributed, call it on every process: the work is split over them, every process
+    gets the same metrics except the token analysis (rank 0's alone).
     """
     device = torch.device(device)
     tokens = pixel_tokens if cfg.features == "pixels" else backbone_tokens
@@ -82,9 +92,13 @@ def evaluate(
         # run's RNG streams.
         with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(EVAL_SEED)
-            # Dense tasks first: their cached patch grids also give classification its features.
-            for task in (run.segmentation, run.depth, run.classification, run.token_interaction):
-                metrics.update(task())
+            if cfg.protocol == "dinov2":
+                metrics.update(evaluate_dinov2(backbone, eval_data, cfg, device, num_workers))
+                metrics.update(run.token_interaction())
+            else:
+                # Dense tasks first: their cached patch grids also give classification its features.
+                for task in (run.segmentation, run.depth, run.classification, run.token_interaction):
+                    metrics.update(task())
     finally:
         backbone.train(was_training)
     return metrics
@@ -184,11 +198,17 @@ class _Run:
     def token_interaction(self) -> dict[str, float]:
         if not self.cfg.token_interaction or self.cfg.features == "pixels":  # pixels have no blocks to analyse
             return {}
-        pairs = [_split_pair(self.eval_data, name) for name in ("classification", "segmentation", "depth")]
-        val = next((pair[1] for pair in pairs if pair is not None), None)
-        if val is None:
+        if process_group()[0] != 0:  # 64 images: rank 0 alone, it writes the plot
             return {}
-        images = torch.stack([torch.as_tensor(val[i][0]) for i in range(min(TOKEN_IMAGES, len(val)))])
+        if self.cfg.protocol == "dinov2":  # raw samples: brought to the model's size first
+            images = token_images(self.eval_data, self.backbone.patch_embed.img_size[0], TOKEN_IMAGES)
+        else:
+            pairs = [_split_pair(self.eval_data, name) for name in ("classification", "segmentation", "depth")]
+            val = next((pair[1] for pair in pairs if pair is not None), None)
+            images = None if val is None else torch.stack(
+                [torch.as_tensor(val[i][0]) for i in range(min(TOKEN_IMAGES, len(val)))])
+        if images is None:
+            return {}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with _timed("token interaction"):
             result = analyze_token_interaction(self.backbone, images.to(self.device),

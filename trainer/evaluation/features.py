@@ -4,6 +4,9 @@ One forward pass per image gives all we need: the [CLS] token and the patch grid
 norm (timm's `forward_intermediates` on the last block, with `norm=True`, equals `forward_features`).
 Probes then train for many epochs over these cached tensors, never touching the backbone again.
 A `FeatureCache` shared by the tasks of one evaluation runs each distinct image batch only once.
+
+Under torch.distributed every process extracts every W-th image and the parts are all-gathered
+back into dataset order, so W processes extract W times faster and end with the same features.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -36,6 +40,29 @@ def subset_indices(size: int, max_samples: int | None, seed: int = 0) -> list[in
         return list(range(size))
     chosen = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:max_samples]
     return sorted(chosen.tolist())
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the current torch.distributed group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_strided(part: Tensor, total: int) -> Tensor:
+    """Rows rank, rank + W, rank + 2W, ... on each process -> all `total` rows, in order, on every
+    process. NCCL gathers on the GPU, gloo on the CPU; the result is on `part`'s device."""
+    rank, world = process_group()
+    if world == 1:
+        return part
+    rows = math.ceil(total / world)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else part.device
+    padded = part.new_zeros((rows, *part.shape[1:]), device=device)
+    padded[:len(part)] = part.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    # Row j of rank r is row j * W + r: interleave, then drop the padding (it lands past `total`).
+    return torch.stack(parts, dim=1).reshape(rows * world, *part.shape[1:])[:total].to(part.device)
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -78,6 +105,7 @@ class FeatureCache:
 
     def __init__(self) -> None:
         self._batches: dict[bytes, tuple[Features, int, int]] = {}
+        self.gathered: dict[tuple[int, bool], tuple[Tensor, Tensor, Tensor | None]] = {}  # see extract_features
 
     def find(self, key: bytes, dense: bool) -> tuple[Features, int, int] | None:
         hit = self._batches.get(key)
@@ -118,11 +146,32 @@ def extract_features(
 
     `amp` uses bf16 autocast on CUDA only. The caller puts the backbone in eval mode. `tokens`:
     what is read of each batch (default: the backbone's final tokens; the pixel control's patches).
+    Under torch.distributed, call it on every process: each extracts its share, all get the whole.
     """
-    device = torch.device(device)
     indices = subset_indices(len(dataset), max_samples, seed)
+    rank, world = process_group()
+    if world == 1:
+        return _extract(backbone, Subset(dataset, indices), device, dense, batch_size, num_workers, amp, seed, cache,
+                        tokens)
+    part = _extract(backbone, Subset(dataset, indices[rank::world]), device, dense, batch_size, num_workers, amp,
+                    seed, cache, tokens)
+    total = len(indices)
+    # A task that reuses another's extraction reuses its gathered tokens too (one copy in memory).
+    key = (id(part.cls), dense)
+    gathered = cache.gathered.get(key) if cache is not None else None
+    if gathered is None:
+        gathered = (gather_strided(part.cls, total), gather_strided(part.mean_patch, total),
+                    gather_strided(part.patch_grid, total) if dense else None)
+        if cache is not None:
+            cache.gathered[key] = gathered
+    return Features(*gathered, targets=gather_strided(part.targets, total))
+
+
+def _extract(backbone: nn.Module, dataset: Dataset, device: torch.device | str, dense: bool, batch_size: int,
+             num_workers: int, amp: bool, seed: int, cache: FeatureCache | None, tokens: TokenFn) -> Features:
+    device = torch.device(device)
     # Its own generator: even an unshuffled loader draws a worker base seed from the global RNG.
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         generator=torch.Generator().manual_seed(seed))
     cls_parts, mean_parts, grid_parts, target_parts = [], [], [], []
     hits, batches, position = [], [], 0
