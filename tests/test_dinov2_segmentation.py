@@ -15,13 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
-from trainer.evaluation.dinov2.segmentation import (
+from trainer.evaluation.dinov2.segmentation import dinov2_segmentation, poly_schedule
+from trainer.evaluation.dinov2.segmentation_augment import (
     CROP_TRIES,
     TrainAugment,
     cat_max_ratio_crop,
-    dinov2_segmentation,
     photometric_distortion,
-    poly_schedule,
 )
 from trainer.evaluation.dinov2.sliding_window import slide_inference, tta_probabilities, window_grid
 
