@@ -53,6 +53,16 @@ def _pct(name: str, label: str) -> MetricSpec:
     return MetricSpec(name, label, unit="%", scale=100.0, decimals=2, higher_is_better=True, delta_unit="pts")
 
 
+TOKEN_STAGES = ("early", "late")
+_TOKEN_PAIRS = {"cls_patch": "[CLS]-patch", "patch_patch": "patch-patch"}
+
+
+def _token_header(measure: str) -> str:
+    """`cls_patch_cos_pre` -> `[CLS]-patch before` (trainer/metric_names.py owns the names)."""
+    pair, when = measure.rsplit("_cos_", 1)
+    return f"{_TOKEN_PAIRS[pair]} {'before' if when == 'pre' else 'after'}"
+
+
 KNOWN_METRICS: dict[str, MetricSpec] = {m.name: m for m in [
     _pct("linear_top1_cls", "Linear top-1 [CLS]"),
     _pct("linear_top1_cls_patch", "Linear top-1 [CLS]+patch"),
@@ -74,16 +84,15 @@ KNOWN_METRICS: dict[str, MetricSpec] = {m.name: m for m in [
     # Short headers (the legend spells them out): the paper sees the [CLS]-patch cosine clearly
     # positive before norm1 and about 0 after it, the patch-patch cosine positive on both sides;
     # showing only "after" would hide a trivial 0.
-    *(MetricSpec(f"tokens/{stage}_{pair}_cos_{when}", f"{stage}, {label} {side}", decimals=3, kind=DESCRIPTIVE)
-      for stage in ("early", "late") for pair, label in (("cls_patch", "[CLS]-patch"), ("patch_patch", "patch-patch"))
-      for when, side in (("pre", "before"), ("post", "after"))),
+    *(MetricSpec(f"tokens/{stage}_{measure}", f"{stage}, {_token_header(measure)}", decimals=3, kind=DESCRIPTIVE)
+      for stage in TOKEN_STAGES for measure in TOKEN_COSINES),
 ]}
 
 # Always shown around the spec's quality metrics: what specialization costs, and what it does to
 # token interaction (the paper's mechanism), so every table answers "at which price, and why".
 COST_COLUMNS = ("params_total", "flops", "throughput_img_s")
 DEFAULT_REPORT_METRICS = ("linear_top1_cls", "knn_top1", "seg_miou", "depth_rmse")  # when a spec names none
-TOKEN_COLUMNS = tuple(f"tokens/{stage}_{measure}" for stage in ("early", "late") for measure in TOKEN_COSINES)
+TOKEN_COLUMNS = tuple(f"tokens/{stage}_{measure}" for stage in TOKEN_STAGES for measure in TOKEN_COSINES)
 LOWER_IS_BETTER_HINTS = ("rmse", "abs_rel", "loss", "error", "err", "_mae", "mse", "latency", "time", "memory")
 HIGHER_IS_BETTER_HINTS = ("top1", "top5", "acc", "miou", "iou", "map", "f1", "auc", "throughput")
 
