@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from trainer.config import parse_config
 from trainer.data.build import build_eval_datasets
 from trainer.evaluation import evaluate
-from trainer.evaluation.features import gather_strided
+from trainer.evaluation.features import all_reduce_sum, gather_strided
 from trainer.loop import backbone_factory
 
 from support.protocols import DINOV2_SMALL
@@ -55,18 +55,31 @@ def _gather_rank(rank: int, world: int, init_file: str, out: str) -> None:
         total = 7  # not a multiple of the world size: rank 0 holds 3 rows, ranks 1 and 2 hold 2
         rows = torch.arange(rank, total, world)
         parts = {"float": torch.stack([rows.float(), -rows.float()], dim=1), "uint8": rows.to(torch.uint8)}
+        # The probes' counters: CPU float64, here a non-contiguous view (a column of a matrix).
+        counts = torch.tensor([[rank + 1.0, 10.0 * rank], [0.5, 2.0]], dtype=torch.float64)[:, 0]
+        summed = all_reduce_sum(counts)
         Path(out, f"gather{rank}.json").write_text(json.dumps(
-            {name: gather_strided(part, total).tolist() for name, part in parts.items()}))
+            {**{name: gather_strided(part, total).tolist() for name, part in parts.items()},
+             "sum": summed.tolist(), "sum_device": str(summed.device), "sum_dtype": str(summed.dtype)}))
     finally:
         dist.destroy_process_group()
 
 
-def test_gather_strided_restores_dataset_order_on_every_rank(tmp_path):
+def test_gather_and_sum_over_processes(tmp_path):
+    """gather_strided restores dataset order on every rank; all_reduce_sum sums CPU counters (the
+    ones NCCL would refuse as they are) and hands them back on the CPU, in their dtype."""
     mp.spawn(_gather_rank, args=(3, str(tmp_path / "init"), str(tmp_path)), nprocs=3, join=True)
     for rank in range(3):
         got = json.loads((tmp_path / f"gather{rank}.json").read_text())
         assert got["float"] == [[float(i), -float(i)] for i in range(7)]
         assert got["uint8"] == list(range(7))
+        assert got["sum"] == [1.0 + 2.0 + 3.0, 1.5]
+        assert (got["sum_device"], got["sum_dtype"]) == ("cpu", "torch.float64")
+
+
+def test_all_reduce_sum_without_a_process_group_is_the_identity():
+    counts = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    assert all_reduce_sum(counts) is counts
 
 
 @pytest.mark.slow

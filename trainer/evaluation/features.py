@@ -49,6 +49,22 @@ def process_group() -> tuple[int, int]:
     return 0, 1
 
 
+def _collective_device(tensor: Tensor) -> torch.device:
+    """Where a collective on `tensor` runs: NCCL only takes CUDA tensors, gloo takes any."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum over the processes (a no-op without a process group), for tensors on any device: a CPU
+    tensor under NCCL is summed on the GPU and comes back to the CPU. Returns the sum, on `tensor`'s
+    device (in place when no copy was needed)."""
+    if process_group()[1] == 1:
+        return tensor
+    buffer = tensor.to(_collective_device(tensor)).contiguous()
+    dist.all_reduce(buffer)
+    return buffer.to(tensor.device)
+
+
 def gather_strided(part: Tensor, total: int) -> Tensor:
     """Rows rank, rank + W, rank + 2W, ... on each process -> all `total` rows, in order, on every
     process. NCCL gathers on the GPU, gloo on the CPU; the result is on `part`'s device."""
@@ -56,7 +72,7 @@ def gather_strided(part: Tensor, total: int) -> Tensor:
     if world == 1:
         return part
     rows = math.ceil(total / world)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else part.device
+    device = _collective_device(part)
     padded = part.new_zeros((rows, *part.shape[1:]), device=device)
     padded[:len(part)] = part.to(device)
     parts = [torch.empty_like(padded) for _ in range(world)]

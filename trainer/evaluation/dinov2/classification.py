@@ -28,7 +28,7 @@ from trainer.data.scenes import derive_seed
 from trainer.data.transforms import normalize
 from trainer.evaluation.classification import knn_predict
 from trainer.evaluation.dinov2.tokens import intermediate_tokens, last_blocks
-from trainer.evaluation.features import gather_strided, process_group
+from trainer.evaluation.features import all_reduce_sum, gather_strided, process_group
 
 KNN_HEADLINE_K = 20  # the k DINOv2's paper reports
 
@@ -93,12 +93,6 @@ class EvalImages(Dataset):
         return self.transform(sample["image"]), torch.as_tensor(sample.get("label", 0))
 
 
-def _sum(tensor: Tensor) -> Tensor:
-    if process_group()[1] > 1:
-        dist.all_reduce(tensor)
-    return tensor
-
-
 @torch.no_grad()
 def _accuracies(backbone: nn.Module, heads: nn.ModuleDict, settings, data: Dataset, blocks: list[int],
                 batch_size: int, device: torch.device, num_workers: int) -> dict[str, float]:
@@ -111,7 +105,7 @@ def _accuracies(backbone: nn.Module, heads: nn.ModuleDict, settings, data: Datas
         for j, (name, _, n, a) in enumerate(settings):
             correct[j] += (heads[name](linear_input(tokens, n, a)).argmax(1).cpu() == labels).sum().item()
         count += len(labels)
-    correct, count = _sum(correct), _sum(count)
+    correct, count = all_reduce_sum(correct), all_reduce_sum(count)
     return {name: (correct[j] / count).item() for j, (name, *_) in enumerate(settings)}
 
 

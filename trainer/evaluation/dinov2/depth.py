@@ -34,7 +34,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
@@ -46,7 +45,7 @@ from trainer.data.scenes import derive_seed
 from trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from trainer.evaluation.dinov2.depth_losses import SigLoss, bins_to_depth, depth_bins
 from trainer.evaluation.dinov2.tokens import intermediate_tokens, spread_blocks
-from trainer.evaluation.features import process_group
+from trainer.evaluation.features import all_reduce_sum, process_group
 from trainer.evaluation.metrics import per_image_depth_errors
 
 __all__ = ["DepthAugmentation", "SigLoss", "bins_to_depth", "depth_bins", "dinov2_depth", "head_input"]
@@ -137,16 +136,6 @@ class _Seeded(Dataset):
 
 def _val_transform(sample: dict) -> tuple[Tensor, Tensor]:
     return _normalize(sample["image"]), torch.as_tensor(sample["depth"], dtype=torch.float32)
-
-
-def _all_reduce(tensor: Tensor) -> Tensor:
-    """Sum over processes (a no-op without a process group); NCCL reduces on the GPU, gloo on the CPU."""
-    if process_group()[1] == 1:
-        return tensor
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    buffer = tensor.to(device).contiguous()
-    dist.all_reduce(buffer)
-    return buffer.to(tensor.device)
 
 
 def head_input(tokens: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
@@ -347,13 +336,13 @@ def dinov2_depth(
             # gives the gradient of the global-batch loss (the statistics are sums over images).
             everything = stats.new_zeros(batch_size, 3)
             everything[rank * local:(rank + 1) * local] = stats.detach()
-            everything = _all_reduce(everything).requires_grad_()
+            everything = all_reduce_sum(everything).requires_grad_()
             (slope,) = torch.autograd.grad(_group_loss(sigloss, everything, group, warm), everything)
             optimizer.zero_grad(set_to_none=False)
             (slope[rank * local:(rank + 1) * local] * stats).sum().backward()
             params = list(head.parameters())
             if world > 1:
-                flat = _all_reduce(torch.cat([p.grad.reshape(-1) for p in params]))
+                flat = all_reduce_sum(torch.cat([p.grad.reshape(-1) for p in params]))
                 for p, g in zip(params, flat.split([p.numel() for p in params])):
                     p.grad.copy_(g.view_as(p))
             if grad_clip is not None:
@@ -393,7 +382,7 @@ def dinov2_depth(
                                           has_valid.sum().double()])
     metrics = {}
     for key, total in sums.items():
-        total = _all_reduce(total)
+        total = all_reduce_sum(total)
         count = total[3].item()
         for i, name in enumerate(("depth_rmse", "depth_abs_rel", "depth_delta1")):
             metrics[name + key] = total[i].item() / count if count else float("nan")

@@ -18,7 +18,7 @@ from trainer.config_evaluation import EvaluationConfig
 from trainer.evaluation.dinov2.classification import EvalImages, dinov2_knn, dinov2_linear
 from trainer.evaluation.dinov2.depth import DepthAugmentation, dinov2_depth
 from trainer.evaluation.dinov2.segmentation import dinov2_segmentation
-from trainer.evaluation.features import process_group
+from trainer.evaluation.features import all_reduce_sum, process_group
 from trainer.evaluation.metrics import IGNORE_INDEX
 
 EVAL_SEED = 0
@@ -52,8 +52,7 @@ def _head_top1(backbone: nn.Module, test: Dataset, resize: int, crop: int, batch
     for images, labels in loader:
         logits = backbone(images.to(device))
         counts += torch.tensor([(logits.argmax(1).cpu() == labels).sum().item(), len(labels)], dtype=torch.float64)
-    if world > 1:
-        torch.distributed.all_reduce(counts)
+    counts = all_reduce_sum(counts)  # CPU counts: NCCL would refuse them as they are
     return (counts[0] / counts[1]).item()
 
 

@@ -31,7 +31,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import skip_init
@@ -42,7 +41,7 @@ from trainer.data.transforms import single_threaded
 from trainer.evaluation.dinov2.segmentation_augment import TrainAugment
 from trainer.evaluation.dinov2.sliding_window import tta_probabilities
 from trainer.evaluation.dinov2.tokens import intermediate_tokens, last_blocks
-from trainer.evaluation.features import process_group
+from trainer.evaluation.features import all_reduce_sum, process_group
 from trainer.evaluation.metrics import IGNORE_INDEX, confusion_matrix, mean_iou, pixel_accuracy
 
 ADAMW_BETAS = (0.9, 0.999)  # linear_config.py: optimizer AdamW, betas (0.9, 0.999)
@@ -116,16 +115,6 @@ class _RankPositions(Sampler[int]):
 
 # --- head --------------------------------------------------------------------------------------
 
-def _all_reduce(tensor: Tensor) -> Tensor:
-    """Sum over ranks (in place where possible); NCCL reduces on the GPU."""
-    if process_group()[1] == 1:
-        return tensor
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
-    buffer = tensor.to(device)
-    dist.all_reduce(buffer)
-    return buffer.to(tensor.device)
-
-
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are over the global batch (every rank): SyncBatchNorm
     for inputs that need no gradient (frozen features), on any device (torch's SyncBatchNorm refuses
@@ -140,7 +129,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             x64 = x.double()
             stats = torch.cat([x64.sum((0, 2, 3)), (x64 * x64).sum((0, 2, 3)),
                                x64.new_tensor([x.numel() // x.shape[1]])])
-            stats = _all_reduce(stats)
+            stats = all_reduce_sum(stats)
             channels = x.shape[1]
             count = stats[-1]
             mean = stats[:channels] / count
@@ -248,7 +237,7 @@ def dinov2_segmentation(backbone: nn.Module, train: Dataset, val: Dataset, num_c
                 loss = F.cross_entropy(logits, masks, ignore_index=ignore_index, reduction="sum") / pixels
                 loss.backward()
             if world > 1:
-                flat = _all_reduce(torch.cat([p.grad.reshape(-1) for p in params]))
+                flat = all_reduce_sum(torch.cat([p.grad.reshape(-1) for p in params]))
                 for p, g in zip(params, flat.split([p.numel() for p in params])):
                     p.grad.copy_(g.view_as(p))
             optimizer.step()
@@ -287,7 +276,7 @@ def _evaluate(backbone: nn.Module, heads: dict[str, BNHead], val: Dataset, num_c
             confusions[key] += confusion_matrix(probs.argmax(0).cpu(), target, num_classes, ignore_index)
     metrics = {}
     for key, confusion in confusions.items():
-        confusion = _all_reduce(confusion)
+        confusion = all_reduce_sum(confusion)
         metrics[f"seg_miou{key}"] = mean_iou(confusion)
         metrics[f"seg_pixel_acc{key}"] = pixel_accuracy(confusion)
     return metrics
