@@ -25,7 +25,7 @@ from orchestrator.search.study import JOURNAL_FILE, CellSummary, journal_storage
 from orchestrator.spec import SlurmBackendSpec, SweepSpec, TrialPlan
 from orchestrator.spec.controls import control_trials, plain_sweep_trials
 from orchestrator.spec.profiles import DEFAULT_UTILISATION, GPU_PEAK_TFLOPS, DeviceSpec
-from orchestrator.stats.design import CellKey, cell_key, compared_pairs
+from orchestrator.stats.design import CellKey, cell_key, comparison_differences
 from orchestrator.stats.power import MetricPower, metric_power, pooled_paired_sd
 from orchestrator.store import ProjectPaths, TrialDir
 from trainer.contract import NON_IDENTITY_KEYS, RESOLVED_CONFIG_FILE
@@ -310,15 +310,10 @@ def finished_metrics(trial: TrialDir) -> dict[str, float] | None:
 def paired_differences(spec: SweepSpec, runs: Runs, metrics: Sequence[str]) -> dict[str, list[list[float]]]:
     """Per metric, one list per compared (variant, reference) pair: variant - reference at each seed
     both finished with the metric (the report's pairs: orchestrator/stats/design.py)."""
-    seeds_of: dict[CellKey, set[int]] = {}
-    for cell, seed in runs:
-        seeds_of.setdefault(cell, set()).add(seed)
     out: dict[str, list[list[float]]] = {metric: [] for metric in metrics}
-    for variant, reference in compared_pairs(spec, set(seeds_of)):
-        seeds = sorted(seeds_of[variant] & seeds_of[reference])
+    for _, differences in comparison_differences(spec, runs, list(metrics)):
         for metric in metrics:
-            out[metric].append([runs[variant, s][metric] - runs[reference, s][metric] for s in seeds
-                                if metric in runs[variant, s] and metric in runs[reference, s]])
+            out[metric].append(differences[metric])
     return out
 
 
@@ -358,18 +353,23 @@ def earlier_runs(spec: SweepSpec, ledger: Ledger, planned_ids: set[str], paths: 
     return list(by_setting.values())
 
 
+def finished_runs(trials: list[TrialPlan], paths: ProjectPaths) -> Runs:
+    """(cell, seed) -> final metrics of the finished trials among `trials`."""
+    runs: Runs = {}
+    for trial in trials:
+        values = finished_metrics(paths.trial(trial.trial_id))
+        if values is not None:
+            runs[(cell_key(trial.cell), trial.seed)] = values
+    return runs
+
+
 def power_plan(spec: SweepSpec, trials: list[TrialPlan], ledger: Ledger, paths: ProjectPaths,
                metrics: Sequence[str]) -> list[MetricPower]:
     """Each metric's power at the spec's seed count, with the paired SD (pooled over the report's
     comparisons) from the first source that has one: the finished trials among `trials` (the ones
     the report compares), else this sweep's earlier trials in the ledger, else report.paired_sd."""
     seeds = len(spec.seeds)
-    own: Runs = {}
-    for trial in trials:
-        values = finished_metrics(paths.trial(trial.trial_id))
-        if values is not None:
-            own[(cell_key(trial.cell), trial.seed)] = values
-    own_differences = paired_differences(spec, own, metrics)
+    own_differences = paired_differences(spec, finished_runs(trials, paths), metrics)
     earlier: list[dict[str, list[list[float]]]] | None = None  # read only when some metric needs it
     out = []
     for metric in metrics:

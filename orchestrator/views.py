@@ -5,6 +5,7 @@ their cost, and how far each cell's search got. Rendering only: what to show com
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Group
@@ -19,14 +20,17 @@ from orchestrator.plan import (
     compared_trials,
     device_of,
     estimate_train_flops,
+    finished_runs,
     fit_time_model,
     gpus_per_trial,
     measured,
     power_plan,
 )
 from orchestrator.report.metrics import QUALITY, MetricSpec, metric_spec
+from orchestrator.report.stats import DEFAULT_CONFIDENCE, sample_std, t_quantile
 from orchestrator.search.study import CellSummary
 from orchestrator.spec import SweepSpec, TrialPlan, format_value
+from orchestrator.stats.design import cell_key, comparison_differences, resolve_baseline
 from orchestrator.stats.power import ALPHA, MAX_SEEDS, POWER, SD_UNKNOWN, MetricPower
 from orchestrator.store import ProjectPaths
 
@@ -107,7 +111,8 @@ def power_view(spec: SweepSpec, trials: list[TrialPlan], ledger: Ledger, paths: 
         return []
     powers = power_plan(spec, trials, ledger, paths, [m.name for m in metrics])
     seeds = len(spec.seeds)
-    table = Table(title=f"power: paired t test, two-sided {ALPHA:.0%}, {POWER:.0%} power, {seeds} seed(s) per cell",
+    ruled = " (other counts: seeds_by_cell, below)" if spec.seeds_by_cell else ""
+    table = Table(title=f"power: paired t test, two-sided {ALPHA:.0%}, {POWER:.0%} power, {seeds} seed(s) per cell{ruled}",
                   title_justify="left")
     for column in ("metric", "paired SD", "SD from", f"detectable Δ at {seeds} seeds", "target Δ",
                    "seeds for target"):
@@ -120,6 +125,20 @@ def power_view(spec: SweepSpec, trials: list[TrialPlan], ledger: Ledger, paths: 
         if power.sd_source == SD_UNKNOWN:
             unknown.append(metric.name)
     lines: list[Table | Text] = [table]
+    if (noise := comparison_view(spec, trials, paths, metrics)) is not None:
+        lines.append(noise)
+    baseline = resolve_baseline(spec)
+    for rule in spec.seeds_by_cell:
+        n = len(rule.seeds)
+        cell = " ".join(f"{axis}={value}" for axis, value in rule.cell.items())
+        if all(baseline.get(axis) == value for axis, value in rule.cell.items()):
+            lines.append(Text(f"seeds_by_cell: {cell} (the reference) runs {n} seed(s), the pairs of every "
+                              "variant that runs as many"))
+            continue
+        detects = [f"{escape(m.name)} {_amount(m, replace(p, seeds=n).detectable)}" for m, p in zip(metrics, powers)
+                   if p.sd is not None and n >= 2]
+        lines.append(Text(f"seeds_by_cell: {cell} runs {n} seed(s)" + (f"; detectable Δ there: {', '.join(detects)}"
+                                                                          if detects else "")))
     if unknown:
         lines.append(Text(f"no paired SD yet for {', '.join(unknown)}: finish two seeds of a variant and its "
                           "reference, or give a prior: report.paired_sd: {" + ", ".join(f"{n}: ..." for n in unknown)
@@ -127,6 +146,36 @@ def power_view(spec: SweepSpec, trials: list[TrialPlan], ledger: Ledger, paths: 
     lines.append(Text(f"detectable Δ: the smallest true paired difference a single test finds {POWER:.0%} of the "
                       "time; the report's Holm correction over all its comparisons needs somewhat more"))
     return lines
+
+
+def comparison_view(spec: SweepSpec, trials: list[TrialPlan], paths: ProjectPaths,
+                    metrics: list[MetricSpec]) -> Table | None:
+    """Each comparison's own noise from its finished seed pairs: the arms are not equally noisy, and
+    this is what `seeds_by_cell` is chosen from. None before any comparison has two pairs."""
+    planned = Counter(cell_key(trial.cell) for trial in trials)
+    found = [(variant, differences)
+             for variant, differences in comparison_differences(spec, finished_runs(trials, paths), [m.name for m in metrics])
+             if any(len(d) >= 2 for d in differences.values())]
+    if not found:
+        return None
+    table = Table(title=f"per comparison, from its finished pairs: paired SD, the {DEFAULT_CONFIDENCE:.0%} CI "
+                        "half-width at its planned seeds, the seeds its target needs", title_justify="left")
+    for column in ("variant", "metric", "pairs", "paired SD", "CI half-width", "seeds for target"):
+        table.add_column(column, justify="left" if column in ("variant", "metric") else "right")
+    for variant, differences in found:
+        label = escape(" ".join(f"{axis}={value}" for axis, value in variant))
+        n = planned[variant]  # the variant's seeds: validation makes its reference run them too
+        for metric in metrics:
+            values = differences[metric.name]
+            if len(values) < 2:
+                continue
+            sd = sample_std(values)
+            power = MetricPower(metric.name, n, sd, "", spec.report.target_effects.get(metric.name))
+            width = t_quantile(DEFAULT_CONFIDENCE, n - 1) * sd / n ** 0.5 if n >= 2 else None
+            table.add_row(label, escape(metric.name), f"{len(values)}/{n}", _amount(metric, sd),
+                          f"±{_amount(metric, width)}" if width is not None else "", _seeds_text(power))
+            label = ""
+    return table
 
 
 def _detectable_text(metric: MetricSpec, power: MetricPower) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import statistics
 
 import pytest
 import yaml
@@ -230,3 +231,28 @@ def test_without_trials_or_a_prior_the_sd_is_unknown(tmp_path, project_root):
     assert miou.sd_source == SD_UNKNOWN and miou.sd is None and miou.detectable is None
     text = shown_plan(spec, ProjectPaths.discover(project_root), Ledger(tmp_path / "l.json"))
     assert "none (1 seed)" in text and "set report.target_effects" in text
+
+
+def test_each_comparison_shows_its_own_noise_and_the_half_width_at_its_seeds(tmp_path, project_root):
+    # paper and all each against none; all is the noisy arm and runs 4 seeds (seeds_by_cell), paper 3
+    axes = {"specialization": {"key": "model.specialization", "values": {"none": "none", "paper": "paper", "all": "all"}}}
+    rules = [{"cell": {"specialization": "none"}, "seeds": [0, 1, 2, 3]},
+             {"cell": {"specialization": "all"}, "seeds": [0, 1, 2, 3]}]
+    spec = load_spec(write_spec(tmp_path, "noise", axes=axes, seeds=[0, 1, 2], seeds_by_cell=rules,
+                                report={"metrics": ["seg_miou"], "target_effects": {"seg_miou": 0.01}}))
+    paths = ProjectPaths.discover(project_root)
+    differences = {"paper": [0.010, 0.014, 0.012], "all": [0.0, 0.04, -0.02, 0.02]}  # SD 0.002 and 0.0258
+    for trial in expand(spec, code_version="v1"):
+        variant = trial.cell["specialization"]
+        miou = 0.3 + 0.01 * trial.seed + (differences[variant][trial.seed] if variant != "none" else 0.0)
+        finish(paths, trial.trial_id, miou, 0.6)
+    text = shown_plan(spec, paths, Ledger(tmp_path / "l.json"))
+    assert "per comparison, from its finished pairs" in text
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in text.splitlines() if "│ seg_miou" in line and "pts" in line and line.count("│") == 7}
+    sd_all = statistics.stdev(differences["all"])
+    assert rows["specialization=paper"] == ["seg_miou", "3/3", "0.20 pts", f"±{4.303 * 0.2 / math.sqrt(3):.2f} pts",
+                                            str(seeds_for_effect_size(0.01 / 0.002))]
+    assert rows["specialization=all"][:4] == ["seg_miou", "4/4", f"{sd_all * 100:.2f} pts",
+                                              f"±{3.182 * sd_all * 100 / 2:.2f} pts"]
+    assert rows["specialization=all"][4] == str(seeds_for_effect_size(0.01 / sd_all))

@@ -428,10 +428,15 @@ def test_default_sweep_trades_arms_for_seeds_and_the_broad_comparison_has_its_ow
     assert spec.axis("specialization").value_names == ["none", "norms", "qkv", "paper", "all", "matched"]
     assert spec.baseline == {"specialization": "none"} and spec.report.compare == ["specialization"]
     trials = expand(spec, VERSION)
-    assert spec.seeds == [0, 1, 2, 3, 4, 5] and len(trials) == 36
+    # seeds where the noise is: all - none varies most, norms and matched least
+    seeds = {arm: sorted(t.seed for t in trials if t.cell["specialization"] == arm)
+             for arm in spec.axis("specialization").value_names}
+    assert spec.seeds == [0, 1, 2, 3, 4, 5] and len(trials) == 52
+    assert seeds["none"] == seeds["all"] == list(range(16)) and seeds["paper"] == seeds["qkv"] == list(range(6))
+    assert seeds["norms"] == seeds["matched"] == [0, 1, 2, 3]
     matched = [t.config["model"] for t in trials if t.cell["specialization"] == "matched"]
     paper = Specialization.parse("paper").canonical()
-    assert len(matched) == 6 and all(m["specialization"] == "none" and m["match_params_of"] == paper for m in matched)
+    assert len(matched) == 4 and all(m["specialization"] == "none" and m["match_params_of"] == paper for m in matched)
     assert spec.report.controls == ["untrained", "pixels"]
     assert spec.base["evaluation"]["max_val_samples"] == spec.base["data"]["scenes"]["val_size"] == 1024
     assert set(spec.report.target_effects) == set(spec.report.paired_sd) == set(spec.report.metrics)

@@ -33,6 +33,7 @@ def default_sweep_by_steps(folder: Path, specializations: dict[str, str]) -> Pat
     spec["axes"] = {"specialization": {"key": "model.specialization", "values": specializations},
                     "steps": {"key": "schedule.steps", "values": STEPS}}
     spec.update(seeds=[0], tracking={"enabled": False})
+    spec.pop("seeds_by_cell", None)  # its rules name arms this one-arm sweep lacks
     spec["report"].pop("controls", None)  # evaluation-only trials: nothing to fit a training time on
     spec["backend"]["max_parallel"] = 1
     path = folder / DEFAULT_SWEEP.name

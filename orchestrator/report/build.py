@@ -83,6 +83,7 @@ def build_report(spec: SweepSpec, *, output: Path | str | None = None, root: Pat
         tracking_uri=collection.tracking_uri, experiment=collection.experiment,
         experiment_id=collection.experiment_id, mlflow_error=collection.mlflow_error, ui_base=ui_base,
         trials_csv=trials_csv,
+        seeds_by_cell=[(" ".join(f"{a}={v}" for a, v in rule.cell.items()), rule.seeds) for rule in spec.seeds_by_cell],
     )
     # Atomic: a reader (or a researcher's editor) never sees half a report.
     write_text_atomic(output, report_markdown(header, collection, tables, assets, search))

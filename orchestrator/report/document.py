@@ -5,7 +5,7 @@ notes, the run links after them, and figures."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from orchestrator.report.format import DEFAULT_UI_BASE, NO_CI, escape_cell, experiment_url, fmt, plural
@@ -43,6 +43,7 @@ class ReportHeader:
     experiment_id: str | None
     mlflow_error: str | None
     ui_base: str = DEFAULT_UI_BASE
+    seeds_by_cell: list[tuple[str, list[int]]] = field(default_factory=list)  # (cell text, its seeds)
     trials_csv: str | None = None
 
 
@@ -65,13 +66,14 @@ def _header_lines(header: ReportHeader, collection: Collection) -> list[str]:
         version_text += f" (current trainer code: `{header.current_code_version}`)"
     borrowed = sum(1 for o in collection.outcomes if o.stale_from)
     borrowed_text = f"; {borrowed} done only under an earlier trainer code version" if borrowed else ""
+    by_cell = [f"{cell}: {', '.join(map(str, seeds))}" for cell, seeds in header.seeds_by_cell]
     lines = [f"# Ablation report: {header.sweep}", ""]
     if header.description:
         lines += [header.description.strip(), ""]
     lines += [
         f"- **Generated:** {header.generated}",
         f"- **Trials:** {trials} (of {len(collection.outcomes)}{borrowed_text})",
-        f"- **Seeds:** {', '.join(str(s) for s in header.seeds)}",
+        f"- **Seeds:** {'; '.join([', '.join(map(str, header.seeds)), *by_cell])}",
         f"- **Spec hash:** `{header.spec_hash or 'unknown'}`",
         f"- **Code version:** {version_text}",
         f"- **Data:** {', '.join(data) if data else 'no finished trial yet'}",

@@ -4,6 +4,7 @@ gain or drop and the smallest effect the design could have detected."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 from orchestrator.report.format import fmt, fmt_p, plural
@@ -33,22 +34,27 @@ def _delta_phrase(metric: MetricSpec, comparison: Comparison) -> str:
     return text
 
 
-def planned_seeds(tables: Sequence[ComparisonTable]) -> int:
-    """The design's seeds per cell: the most planned outcomes of any compared row."""
-    return max((len(row.outcomes) for table in tables for row in table.rows if not row.is_control), default=0)
+def planned_seeds(found: Sequence[Comparison]) -> int:
+    """The design's seeds per comparison: the count most comparisons plan (seeds_by_cell may give a
+    few more or fewer); on a tie the smaller."""
+    counts = Counter(c.planned for c in found)
+    return max(counts, key=lambda n: (counts[n], -n), default=0)
 
 
-def design_power(tables: Sequence[ComparisonTable], metric: MetricSpec, found: list[Comparison]) -> MetricPower:
-    """The metric's power at the design's seeds, with the paired SD pooled over its comparisons
-    (else the spec's prior)."""
-    seeds = planned_seeds(tables)
+def design_power(tables: Sequence[ComparisonTable], metric: MetricSpec, found: list[Comparison],
+                 seeds: int | None = None) -> MetricPower:
+    """The metric's power at the design's seeds (or `seeds`), with the paired SD pooled over its
+    comparisons (else the spec's prior)."""
+    seeds = planned_seeds(found) if seeds is None else seeds
     target = tables[0].target_effects.get(metric.name)
     pooled = pooled_paired_sd(list(c.cell.differences.values()) for c in found)
     said = f"observed over {plural(pooled.pairs, 'comparison')}" if pooled else ""
     return metric_power(metric.name, seeds, pooled, said, tables[0].paired_sd.get(metric.name), target)
 
 
-def _power_phrase(metric: MetricSpec, power: MetricPower) -> str:
+def _power_phrase(metric: MetricSpec, power: MetricPower, elsewhere: Sequence[tuple[str, MetricPower]] = ()) -> str:
+    """What the design detects at its seeds, then at the other seed counts of `elsewhere`
+    (comparison labels, their power) where seeds_by_cell gave some comparisons their own seeds."""
     detectable = power.detectable
     if detectable is None:
         if power.seeds < 2:
@@ -57,6 +63,10 @@ def _power_phrase(metric: MetricSpec, power: MetricPower) -> str:
                 f"{power.seeds} seeds; no comparison has 2 paired seeds and no report.paired_sd prior)")
     text = (f"the design detects ±{_amount(metric, detectable, signed=False)} ({POWER:.0%} power at "
             f"{power.seeds} seeds, paired SD {_amount(metric, power.sd, signed=False)}, {power.sd_source})")
+    for labels, other in elsewhere:
+        if other.detectable is not None:
+            text += (f", ±{_amount(metric, other.detectable, signed=False)} at {other.seeds} seeds ({labels}: paired "
+                     f"SD {_amount(metric, other.sd, signed=False)})")
     if power.target is not None:
         needed = power.seeds_for_target
         text += (f"; the target ±{_amount(metric, power.target, signed=False)} needs "
@@ -64,8 +74,18 @@ def _power_phrase(metric: MetricSpec, power: MetricPower) -> str:
     return text
 
 
-def _metric_sentence(metric: MetricSpec, found: list[Comparison], power: MetricPower) -> str:
-    """`**Seg. mIoU**: largest significant gain X (...); 2 no effect larger than ±1.00 pts, 3 inconclusive; power.`"""
+def _metric_sentence(tables: Sequence[ComparisonTable], metric: MetricSpec, found: list[Comparison]) -> str:
+    """`**Seg. mIoU**: largest significant gain X (...); 2 no effect larger than ±1.00 pts, 3 inconclusive; power.`
+
+    The power is stated per planned seed count (seeds_by_cell gives noisy arms more), each with the
+    SD pooled over the comparisons planned at that count: a noisy arm's SD is not the quiet ones'."""
+    groups: dict[int, list[Comparison]] = {}
+    for c in found:
+        groups.setdefault(c.planned, []).append(c)
+    main = planned_seeds(found)
+    power = design_power(tables, metric, groups[main], main)
+    elsewhere = [(", ".join(dict.fromkeys(c.label for c in group)), design_power(tables, metric, group, seeds))
+                 for seeds, group in sorted(groups.items()) if seeds != main]
     sign = 1 if metric.higher_is_better else -1
     significant = [c for c in found if c.cell.verdict and c.cell.verdict.kind == SIGNIFICANT]
     if metric.higher_is_better is None:
@@ -99,7 +119,7 @@ def _metric_sentence(metric: MetricSpec, found: list[Comparison], power: MetricP
     text = f"**{metric.label}**: " + "; ".join(parts)
     if others:
         text += "; " + ", ".join(others)
-    return f"{text}; {_power_phrase(metric, power)}."
+    return f"{text}; {_power_phrase(metric, power, elsewhere)}."
 
 
 def controls_sentence(tables: Sequence[ComparisonTable]) -> str | None:
@@ -151,7 +171,7 @@ def at_a_glance(tables: Sequence[ComparisonTable], collection: Collection) -> st
         for metric in metrics:
             of_metric = [c for c in found if c.metric.name == metric.name]
             if of_metric:
-                sentences.append(_metric_sentence(metric, of_metric, design_power(tables, metric, of_metric)))
+                sentences.append(_metric_sentence(tables, metric, of_metric))
         if not tables[0].target_effects:
             sentences.append("No `report.target_effects` in the spec: without a target no comparison can be "
                              "called \"no effect larger than\" it.")

@@ -228,6 +228,7 @@ class Comparison:
     label: str  # `axis=value, ...` of the variant row
     metric: MetricSpec
     cell: MetricCell  # holds the delta, the per-seed differences and the verdict
+    planned: int = 0  # the variant row's planned seeds (its pairs, once all are done)
 
 
 def comparisons(tables: Sequence[ComparisonTable]) -> list[Comparison]:
@@ -248,7 +249,7 @@ def _distinct(tables: Sequence[ComparisonTable]) -> dict[tuple[CellKey, CellKey,
                 if metric.kind != QUALITY or cell is None or cell.delta is None or cell.delta.n == 0:
                     continue
                 out.setdefault((cell_key(row.cell), reference, metric.name),
-                               Comparison(f"`{row.label(table.axes)}`", metric, cell))
+                               Comparison(f"`{row.label(table.axes)}`", metric, cell, len(row.outcomes)))
     return out
 
 

@@ -16,6 +16,8 @@ A spec is a partial trial config (`base`) plus named axes of dotted keys into it
       model.scale: [micro, tiny]          # short form: named by the key; values named by their text
     expand: grid                          # grid | zip | one_at_a_time
     seeds: [0, 1]
+    seeds_by_cell:                        # optional: cells that run other seeds (seed_rules.py)
+      - {cell: {specialization: norms}, seeds: [0]}
 
 Everything is checked before anything runs, and every problem is reported at once as
 `FILE: KEY.PATH: what was expected (line N)`. A mapping value on a key that is a whole section
@@ -26,6 +28,7 @@ The package, in the order a spec goes through it:
     loading.py      YAML with line numbers, `--set` overrides, load_spec
     validation.py   the whole spec checked (axes.py: axes and cells; sections.py: backend with the
                     Slurm profile (profiles.py), tracking, report, search (search.py))
+    seed_rules.py   `seeds` and `seeds_by_cell`: which seeds each cell runs, and the pairing check
     expansion.py    resolution (once, during validation), cells, expand, spec_hash
     controls.py     the report's controls as trials, derived from the baseline cell (imported
                     from orchestrator.spec.controls: it reads the baseline rule of orchestrator.stats)

@@ -134,8 +134,11 @@ def _build_trials(
     axis_names = spec.axis_names
     plans: list[TrialPlan] = []
     seen: dict[str, str] = {}
-    for seed in spec.seeds:
-        for cell in cells:
+    seeds_of = [spec.seeds_for(dict(zip(axis_names, cell))) for cell in cells]
+    for seed in spec.all_seeds:
+        for cell, seeds in zip(cells, seeds_of):
+            if seed not in seeds:
+                continue
             config = pickle.loads(base_bytes)
             texts = list(template.defaults)
             texts[seed_slot] = str(seed)
@@ -175,6 +178,8 @@ def spec_hash(spec: SweepSpec) -> str:
         "cells": [list(cell) for cell in cells_of(spec)],
         "seeds": spec.seeds,
     }
+    if spec.seeds_by_cell:  # absent from the hash when unused: older specs keep their hash
+        content["seeds_by_cell"] = [rule.model_dump(mode="json") for rule in spec.seeds_by_cell]
     if spec.search is not None:  # what is searched, and how, decides which trials run
         content["search"] = spec.search.model_dump(mode="json")
     if spec.report.controls:  # the one report setting that adds trials (spec/controls.py)

@@ -28,7 +28,7 @@ from orchestrator.spec.validation import validate
 from trainer.yaml_guard import YamlGuardError, expanded_size, safe_load
 
 # Keys that take a whole value: `--set seeds.0=1` is refused rather than guessed at.
-WHOLE_VALUE_KEYS = ("name", "description", "output_dir", "expand", "include", "exclude", "seeds")
+WHOLE_VALUE_KEYS = ("name", "description", "output_dir", "expand", "include", "exclude", "seeds", "seeds_by_cell")
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:

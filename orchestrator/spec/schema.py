@@ -159,6 +159,14 @@ class Resolution:
     patches: tuple[dict[str, tuple[tuple[KeyPath, Any], ...]], ...]
 
 
+class SeedRule(Frozen):
+    """`seeds_by_cell` entry: the cells matching `cell` (a partial cell) run `seeds`, not the spec's
+    `seeds`: the arms whose differences are noisier get the seeds their intervals need."""
+
+    cell: dict[str, str]
+    seeds: list[int]
+
+
 class SweepSpec(Frozen):
     name: str
     description: str = ""
@@ -170,6 +178,7 @@ class SweepSpec(Frozen):
     include: list[dict[str, str]] = Field(default_factory=list)  # complete cells (defaults filled in)
     exclude: list[dict[str, str]] = Field(default_factory=list)  # partial cells
     seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds_by_cell: list[SeedRule] = Field(default_factory=list)
     backend: BackendSpec = LocalBackendSpec()
     tracking: TrackingSpec = TrackingSpec()
     report: ReportSpec = ReportSpec()
@@ -188,6 +197,18 @@ class SweepSpec(Frozen):
             if axis.name == name:
                 return axis
         raise KeyError(name)
+
+    def seeds_for(self, cell: dict[str, str]) -> list[int]:
+        """The seeds `cell` (axis name -> value name) runs: its `seeds_by_cell` rule's, else `seeds`."""
+        for rule in self.seeds_by_cell:
+            if all(cell.get(axis) == value for axis, value in rule.cell.items()):
+                return rule.seeds
+        return self.seeds
+
+    @property
+    def all_seeds(self) -> list[int]:
+        """Every seed some cell runs: `seeds`, then the rules' other seeds, in order."""
+        return list(dict.fromkeys([*self.seeds, *(s for rule in self.seeds_by_cell for s in rule.seeds)]))
 
 
 # The keys a spec file holds at the top level (the rest of SweepSpec is filled in by load_spec).

@@ -14,6 +14,7 @@ from orchestrator.spec.axes import check_cell, check_exclude, check_include, par
 from orchestrator.spec.expansion import cells_of, matches, resolve
 from orchestrator.spec.problems import Problems, dotted, unknown_key_message
 from orchestrator.spec.schema import EXPAND_MODES, TOP_LEVEL_KEYS, SweepSpec, TrackingSpec
+from orchestrator.spec.seed_rules import check_seed_rules, check_seeds, parse_seed_rules
 from orchestrator.spec.sections import check_report_metrics, parse_backend, parse_report, parse_search, parse_section
 from orchestrator.spec.trial_keys import RESERVED_TRIAL_KEYS, validate_trial, with_values
 from trainer.config import KeyPath, TrialConfig, check_files, training_problems
@@ -47,7 +48,7 @@ def validate(raw: dict[str, Any], path: Path, overrides: list[str], problems: Pr
     if expand_mode not in EXPAND_MODES:
         problems.add(("expand",), f"expected one of {', '.join(EXPAND_MODES)}, got {expand_mode!r}")
         expand_mode = None
-    seeds = _check_seeds(raw.get("seeds", [0]), problems)
+    seeds = check_seeds(raw.get("seeds", [0]), ("seeds",), problems)
 
     axes_ok = len(axes) == len(declared) and bool(axes)
     by_name = {axis.name: axis for axis in axes}
@@ -58,6 +59,7 @@ def validate(raw: dict[str, Any], path: Path, overrides: list[str], problems: Pr
         elif baseline is not None and (missing := [a.name for a in axes if a.name not in baseline]):
             problems.add(("baseline",),
                          f"must name a value for every axis with one_at_a_time; missing: {', '.join(missing)}")
+    seeds_by_cell = parse_seed_rules(raw.get("seeds_by_cell"), declared, by_name, problems)
     include = check_include(raw.get("include"), expand_mode, declared, by_name, baseline, problems)
     exclude = check_exclude(raw.get("exclude"), declared, by_name, problems)
     if expand_mode == "zip" and axes_ok and len({len(axis.values) for axis in axes}) > 1:
@@ -84,6 +86,7 @@ def validate(raw: dict[str, Any], path: Path, overrides: list[str], problems: Pr
     spec = SweepSpec(
         name=name, description=description, output_dir=Path(output_dir), base=base, axes=axes,
         expand=expand_mode, baseline=baseline, include=include, exclude=exclude, seeds=seeds,
+        seeds_by_cell=seeds_by_cell,
         backend=backend, tracking=tracking.model_copy(update={"experiment": tracking.experiment or name}),
         report=report, search=search, source=path, overrides=overrides, resolution=resolution,
     )
@@ -97,6 +100,7 @@ def validate(raw: dict[str, Any], path: Path, overrides: list[str], problems: Pr
     for where, cell in checks:
         if cell and not any(matches(c, spec.axes, cell) for c in cells):
             problems.add(where, f"{_cell_text(cell)} is not a cell of the sweep (excluded, or not a zip row)")
+    check_seed_rules(spec, cells, problems)
     trials = _check_cells(spec, cells, problems)
     report_raw = raw.get("report")
     if trials and isinstance(report_raw, dict) and "metrics" in report_raw:  # the defaults may go unmeasured
@@ -114,18 +118,6 @@ def _check_base(base: Any, problems: Problems) -> dict[str, Any] | None:
         if key in base:
             problems.add(("base", key), why)
     return {key: value for key, value in base.items() if key not in RESERVED_TRIAL_KEYS}
-
-
-def _check_seeds(seeds: Any, problems: Problems) -> list[int]:
-    if not isinstance(seeds, list) or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
-        problems.add(("seeds",), f"expected a list of integers, got {seeds!r}")
-        return [0]
-    if not seeds:
-        problems.add(("seeds",), "must not be empty")
-    duplicated = sorted({s for s in seeds if seeds.count(s) > 1})
-    if duplicated:
-        problems.add(("seeds",), f"duplicate seeds {duplicated}")
-    return seeds or [0]
 
 
 def _check_cells(spec: SweepSpec, cells: list[tuple[str, ...]], problems: Problems) -> list[TrialConfig]:

@@ -77,3 +77,19 @@ def compared_pairs(spec: SweepSpec, present: set[CellKey]) -> list[tuple[CellKey
             if reference != cell_key(cell) and reference in present:
                 pairs[(cell_key(cell), reference)] = None
     return list(pairs)
+
+
+def comparison_differences(spec: SweepSpec, runs: Mapping[tuple[CellKey, int], Mapping[str, float]],
+                           metrics: list[str] | tuple[str, ...]) -> list[tuple[CellKey, dict[str, list[float]]]]:
+    """Per compared (variant, reference) pair with both cells in `runs` ((cell, seed) -> final
+    metrics): the variant and, per metric, variant - reference at each seed both finished with it."""
+    seeds_of: dict[CellKey, set[int]] = {}
+    for cell, seed in runs:
+        seeds_of.setdefault(cell, set()).add(seed)
+    out = []
+    for variant, reference in compared_pairs(spec, set(seeds_of)):
+        seeds = sorted(seeds_of[variant] & seeds_of[reference])
+        out.append((variant, {metric: [runs[variant, s][metric] - runs[reference, s][metric] for s in seeds
+                                       if metric in runs[variant, s] and metric in runs[reference, s]]
+                              for metric in metrics}))
+    return out

@@ -8,8 +8,9 @@ SD of the differences; `MetricPower` converts them to a metric's own units with 
 
 The paired SD is pooled over comparisons: each (variant, reference) pair with >= 2 seeds adds its
 squared deviations from its own mean difference and n - 1 degrees of freedom; the pooled variance
-is their ratio. Pairs differ in their true effect, not (much) in their noise, which is what a
-power calculation needs.
+is their ratio: the design-level noise, for when the pairs differ in their true effect more than in
+their noise. Where one arm is much noisier than the rest, `plan` also shows each comparison's own
+SD, and `seeds_by_cell` gives that arm the seeds it needs.
 """
 
 from __future__ import annotations
