@@ -431,8 +431,8 @@ def test_default_sweep_trades_arms_for_seeds_and_the_broad_comparison_has_its_ow
     # seeds where the noise is: all - none varies most, norms and matched least
     seeds = {arm: sorted(t.seed for t in trials if t.cell["specialization"] == arm)
              for arm in spec.axis("specialization").value_names}
-    assert spec.seeds == [0, 1, 2, 3, 4, 5] and len(trials) == 52
-    assert seeds["none"] == seeds["all"] == list(range(16)) and seeds["paper"] == seeds["qkv"] == list(range(6))
+    assert spec.seeds == [0, 1, 2, 3, 4, 5] and len(trials) == 68
+    assert seeds["none"] == seeds["all"] == list(range(24)) and seeds["paper"] == seeds["qkv"] == list(range(6))
     assert seeds["norms"] == seeds["matched"] == [0, 1, 2, 3]
     matched = [t.config["model"] for t in trials if t.cell["specialization"] == "matched"]
     paper = Specialization.parse("paper").canonical()

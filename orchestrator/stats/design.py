@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from orchestrator.spec import SweepSpec
+    from orchestrator.spec.schema import SweepSpec
 
 CellKey = tuple[tuple[str, str], ...]  # a cell as sorted (axis, value) items: hashable, order-free
 Placed = tuple[dict[str, str], tuple[str, ...], tuple[str, ...]]  # (cell, key in the table's axes, group)
