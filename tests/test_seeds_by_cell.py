@@ -62,6 +62,8 @@ def test_each_cell_runs_its_rules_seeds_and_the_other_trials_keep_their_ids(tmp_
     ("  - {cell: {specialization: norms}, seeds: [0]}\n  - {cell: {specialization: norms}, seeds: [1]}\n",
      "seeds_by_cell.1.cell: specialization=norms already has its seeds from seeds_by_cell.0: give each cell one rule"),
     ("  - {cell: {specialization: norms}, seeds: [0, 0]}\n", "seeds_by_cell.0.seeds: duplicate seeds [0]"),
+    ("  - {cell: {specialization: paper}, seeds: [0]}\nexclude: [{specialization: paper}]\n",
+     "seeds_by_cell.0.cell: {'specialization': 'paper'} is not a cell of the sweep (excluded?)"),
     ("  - {cell: {specialization: norms}, seed: [0]}\n", "seeds_by_cell.0: unknown key 'seed'; allowed here: cell, seeds"),
 ])
 def test_a_rule_the_report_could_not_use_is_refused_naming_the_field(tmp_path, rules, message):

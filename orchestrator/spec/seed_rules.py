@@ -12,6 +12,7 @@ reference, the seeds their intervals need, without paying for them in every othe
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from orchestrator.spec.axes import check_cell
@@ -75,7 +76,8 @@ def check_seed_rules(spec: SweepSpec, cells: list[tuple[str, ...]], problems: Pr
         for cell in hits:
             if cell in claimed:
                 problems.add(("seeds_by_cell", str(i), "cell"),
-                             f"{_text(spec, cell)} already has its seeds from seeds_by_cell.{claimed[cell]}: "
+                             f"{_label(zip(spec.axis_names, cell))} already has its seeds from "
+                             f"seeds_by_cell.{claimed[cell]}: "
                              "give each cell one rule")
             claimed.setdefault(cell, i)
     named = {cell_key(dict(zip(spec.axis_names, cell))): dict(zip(spec.axis_names, cell)) for cell in cells}
@@ -83,11 +85,11 @@ def check_seed_rules(spec: SweepSpec, cells: list[tuple[str, ...]], problems: Pr
         unpaired = sorted(set(spec.seeds_for(named[variant])) - set(spec.seeds_for(named[reference])))
         if unpaired:
             problems.add(("seeds_by_cell",),
-                         f"{_text(spec, variant)} runs seeds {unpaired} that its reference {_text(spec, reference)} "
+                         f"{_label(variant)} runs seeds {unpaired} that its reference {_label(reference)} "
                          "does not: the report pairs by seed and would drop them; give the reference those "
                          "seeds too")
 
 
-def _text(spec: SweepSpec, cell: tuple[str, ...] | tuple[tuple[str, str], ...]) -> str:
-    items = cell if cell and isinstance(cell[0], tuple) else tuple(zip(spec.axis_names, cell))
+def _label(items: Iterable[tuple[str, str]]) -> str:
+    """`axis=value ...` of a cell given as (axis, value) pairs."""
     return " ".join(f"{axis}={value}" for axis, value in items)
