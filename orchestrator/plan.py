@@ -364,12 +364,13 @@ def finished_runs(trials: list[TrialPlan], paths: ProjectPaths) -> Runs:
 
 
 def power_plan(spec: SweepSpec, trials: list[TrialPlan], ledger: Ledger, paths: ProjectPaths,
-               metrics: Sequence[str]) -> list[MetricPower]:
+               metrics: Sequence[str], own: Runs | None = None) -> list[MetricPower]:
     """Each metric's power at the spec's seed count, with the paired SD (pooled over the report's
     comparisons) from the first source that has one: the finished trials among `trials` (the ones
-    the report compares), else this sweep's earlier trials in the ledger, else report.paired_sd."""
+    the report compares; `own` when the caller has read them), else this sweep's earlier trials in
+    the ledger, else report.paired_sd."""
     seeds = len(spec.seeds)
-    own_differences = paired_differences(spec, finished_runs(trials, paths), metrics)
+    own_differences = paired_differences(spec, finished_runs(trials, paths) if own is None else own, metrics)
     earlier: list[dict[str, list[list[float]]]] | None = None  # read only when some metric needs it
     out = []
     for metric in metrics:

@@ -17,6 +17,7 @@ from orchestrator.ledger import Ledger, TrialRecord
 from orchestrator.locks import SweepLock
 from orchestrator.plan import (
     PlanDiff,
+    Runs,
     compared_trials,
     device_of,
     estimate_train_flops,
@@ -27,9 +28,9 @@ from orchestrator.plan import (
     power_plan,
 )
 from orchestrator.report.metrics import QUALITY, MetricSpec, metric_spec
-from orchestrator.report.stats import DEFAULT_CONFIDENCE, sample_std, t_quantile
+from orchestrator.report.stats import DEFAULT_CONFIDENCE, ci_half_width, sample_std
 from orchestrator.search.study import CellSummary
-from orchestrator.spec import SweepSpec, TrialPlan, format_value
+from orchestrator.spec import SweepSpec, TrialPlan, cell_text, format_value
 from orchestrator.stats.design import cell_key, comparison_differences, resolve_baseline
 from orchestrator.stats.power import ALPHA, MAX_SEEDS, POWER, SD_UNKNOWN, MetricPower
 from orchestrator.store import ProjectPaths
@@ -109,7 +110,8 @@ def power_view(spec: SweepSpec, trials: list[TrialPlan], ledger: Ledger, paths: 
     metrics = [m for m in metrics if m.kind == QUALITY]  # costs and token cosines are not tested
     if not metrics:
         return []
-    powers = power_plan(spec, trials, ledger, paths, [m.name for m in metrics])
+    runs = finished_runs(trials, paths)  # read once: the pooled power and the per-comparison table
+    powers = power_plan(spec, trials, ledger, paths, [m.name for m in metrics], runs)
     seeds = len(spec.seeds)
     ruled = " (other counts: seeds_by_cell, below)" if spec.seeds_by_cell else ""
     table = Table(title=f"power: paired t test, two-sided {ALPHA:.0%}, {POWER:.0%} power, {seeds} seed(s) per cell{ruled}",
@@ -125,12 +127,12 @@ def power_view(spec: SweepSpec, trials: list[TrialPlan], ledger: Ledger, paths: 
         if power.sd_source == SD_UNKNOWN:
             unknown.append(metric.name)
     lines: list[Table | Text] = [table]
-    if (noise := comparison_view(spec, trials, paths, metrics)) is not None:
+    if (noise := comparison_view(spec, trials, runs, metrics)) is not None:
         lines.append(noise)
     baseline = resolve_baseline(spec)
     for rule in spec.seeds_by_cell:
         n = len(rule.seeds)
-        cell = " ".join(f"{axis}={value}" for axis, value in rule.cell.items())
+        cell = cell_text(rule.cell.items())
         if all(baseline.get(axis) == value for axis, value in rule.cell.items()):
             lines.append(Text(f"seeds_by_cell: {cell} (the reference) runs {n} seed(s), the pairs of every "
                               "variant that runs as many"))
@@ -148,13 +150,12 @@ def power_view(spec: SweepSpec, trials: list[TrialPlan], ledger: Ledger, paths: 
     return lines
 
 
-def comparison_view(spec: SweepSpec, trials: list[TrialPlan], paths: ProjectPaths,
-                    metrics: list[MetricSpec]) -> Table | None:
+def comparison_view(spec: SweepSpec, trials: list[TrialPlan], runs: Runs, metrics: list[MetricSpec]) -> Table | None:
     """Each comparison's own noise from its finished seed pairs: the arms are not equally noisy, and
     this is what `seeds_by_cell` is chosen from. None before any comparison has two pairs."""
     planned = Counter(cell_key(trial.cell) for trial in trials)
     found = [(variant, differences)
-             for variant, differences in comparison_differences(spec, finished_runs(trials, paths), [m.name for m in metrics])
+             for variant, differences in comparison_differences(spec, runs, [m.name for m in metrics])
              if any(len(d) >= 2 for d in differences.values())]
     if not found:
         return None
@@ -163,7 +164,7 @@ def comparison_view(spec: SweepSpec, trials: list[TrialPlan], paths: ProjectPath
     for column in ("variant", "metric", "pairs", "paired SD", "CI half-width", "seeds for target"):
         table.add_column(column, justify="left" if column in ("variant", "metric") else "right")
     for variant, differences in found:
-        label = escape(" ".join(f"{axis}={value}" for axis, value in variant))
+        label = escape(cell_text(variant))
         n = planned[variant]  # the variant's seeds: validation makes its reference run them too
         for metric in metrics:
             values = differences[metric.name]
@@ -171,7 +172,7 @@ def comparison_view(spec: SweepSpec, trials: list[TrialPlan], paths: ProjectPath
                 continue
             sd = sample_std(values)
             power = MetricPower(metric.name, n, sd, "", spec.report.target_effects.get(metric.name))
-            width = t_quantile(DEFAULT_CONFIDENCE, n - 1) * sd / n ** 0.5 if n >= 2 else None
+            width = ci_half_width(sd, n) if n >= 2 else None
             table.add_row(label, escape(metric.name), f"{len(values)}/{n}", _amount(metric, sd),
                           f"±{_amount(metric, width)}" if width is not None else "", _seeds_text(power))
             label = ""

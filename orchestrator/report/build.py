@@ -18,7 +18,7 @@ from orchestrator.report.format import DEFAULT_UI_BASE
 from orchestrator.report.metrics import table_metrics
 from orchestrator.report.plots import plot_deltas, plot_token_curves
 from orchestrator.report.tables import ComparisonTable, build_tables
-from orchestrator.spec import SweepSpec, spec_hash
+from orchestrator.spec import SweepSpec, cell_text, spec_hash
 from orchestrator.spec.controls import plain_sweep_trials
 from orchestrator.store import ProjectPaths
 from trainer.contract import write_text_atomic
@@ -83,7 +83,7 @@ def build_report(spec: SweepSpec, *, output: Path | str | None = None, root: Pat
         tracking_uri=collection.tracking_uri, experiment=collection.experiment,
         experiment_id=collection.experiment_id, mlflow_error=collection.mlflow_error, ui_base=ui_base,
         trials_csv=trials_csv,
-        seeds_by_cell=[(" ".join(f"{a}={v}" for a, v in rule.cell.items()), rule.seeds) for rule in spec.seeds_by_cell],
+        seeds_by_cell=[(cell_text(rule.cell.items()), rule.seeds) for rule in spec.seeds_by_cell],
     )
     # Atomic: a reader (or a researcher's editor) never sees half a report.
     write_text_atomic(output, report_markdown(header, collection, tables, assets, search))

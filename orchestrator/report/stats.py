@@ -95,6 +95,11 @@ def t_quantile(confidence: float, dof: int) -> float:
     return float(stdtrit(dof, (1.0 + confidence) / 2.0))
 
 
+def ci_half_width(sd: float, n: int, confidence: float = DEFAULT_CONFIDENCE) -> float:
+    """t * sd / sqrt(n) with n - 1 degrees of freedom: the half-width of a mean's t-interval."""
+    return t_quantile(confidence, n - 1) * sd / math.sqrt(n)
+
+
 def mean_with_ci(values: Iterable[float | None], confidence: float = DEFAULT_CONFIDENCE) -> DeltaEstimate:
     """Mean and t-interval mean ± t * s / sqrt(n) with n - 1 degrees of freedom."""
     clean = finite(values)
@@ -105,7 +110,7 @@ def mean_with_ci(values: Iterable[float | None], confidence: float = DEFAULT_CON
         # Identical differences (common with accuracies quantized by a small val set) would give a
         # zero-width interval: certainty claimed from no evidence about the noise. No interval.
         return DeltaEstimate(mean=m, low=None, high=None, n=n, confidence=confidence)
-    half_width = t_quantile(confidence, n - 1) * spread / math.sqrt(n)
+    half_width = ci_half_width(spread, n, confidence)
     return DeltaEstimate(mean=m, low=m - half_width, high=m + half_width, n=n, confidence=confidence,
                          p_value=t_test_p_value(clean))
 

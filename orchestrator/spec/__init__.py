@@ -56,6 +56,7 @@ from orchestrator.spec.schema import (
     TrackingSpec,
     TrialPlan,
     cell_label,
+    cell_text,
 )
 from orchestrator.spec.search import (
     FINAL_METRICS,
@@ -73,6 +74,6 @@ __all__ = [
     "DEFAULT_METRICS", "FINAL_METRICS", "INTERMEDIATE_METRICS", "RESERVED_TRIAL_KEYS", "Axis", "BackendSpec",
     "LocalBackendSpec", "LocalOptions", "Profile", "RayBackendSpec", "RayOptions", "ReportSpec", "ResourcesSpec",
     "SearchParam", "SearchSpec", "SlurmBackendSpec", "SlurmOptions", "SpecError", "SweepSpec", "TrackingSpec",
-    "TrialPlan", "cell_label", "expand", "format_value", "load_profile", "load_spec", "params_label", "spec_hash",
+    "TrialPlan", "cell_label", "cell_text", "expand", "format_value", "load_profile", "load_spec", "params_label", "spec_hash",
     "trial_key_problem",
 ]

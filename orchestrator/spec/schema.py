@@ -7,6 +7,7 @@ spec's resolution (the validated base and axis values) that expansion and hashin
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -215,9 +216,14 @@ class SweepSpec(Frozen):
 TOP_LEVEL_KEYS = tuple(k for k in SweepSpec.model_fields if k not in ("source", "overrides", "resolution"))
 
 
+def cell_text(items: Iterable[tuple[str, str]]) -> str:
+    """`specialization=paper scale=micro`: a (partial) cell as (axis, value) pairs, in their order."""
+    return " ".join(f"{axis}={value}" for axis, value in items)
+
+
 def cell_label(cell: dict[str, str], seed: int) -> str:
     """`specialization=paper scale=micro seed=0`: axis order, then the seed."""
-    return " ".join([*(f"{axis}={value}" for axis, value in cell.items()), f"seed={seed}"])
+    return f"{cell_text(cell.items())} seed={seed}"
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,12 @@ reference, the seeds their intervals need, without paying for them in every othe
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from orchestrator.spec.axes import check_cell
 from orchestrator.spec.expansion import matches
 from orchestrator.spec.problems import KeyPath, Problems, unknown_key_message
-from orchestrator.spec.schema import Axis, SeedRule, SweepSpec
+from orchestrator.spec.schema import Axis, SeedRule, SweepSpec, cell_text
 from orchestrator.stats.design import cell_key, compared_pairs
 
 RULE_KEYS = ("cell", "seeds")
@@ -76,7 +75,7 @@ def check_seed_rules(spec: SweepSpec, cells: list[tuple[str, ...]], problems: Pr
         for cell in hits:
             if cell in claimed:
                 problems.add(("seeds_by_cell", str(i), "cell"),
-                             f"{_label(zip(spec.axis_names, cell))} already has its seeds from "
+                             f"{cell_text(zip(spec.axis_names, cell))} already has its seeds from "
                              f"seeds_by_cell.{claimed[cell]}: "
                              "give each cell one rule")
             claimed.setdefault(cell, i)
@@ -85,11 +84,7 @@ def check_seed_rules(spec: SweepSpec, cells: list[tuple[str, ...]], problems: Pr
         unpaired = sorted(set(spec.seeds_for(named[variant])) - set(spec.seeds_for(named[reference])))
         if unpaired:
             problems.add(("seeds_by_cell",),
-                         f"{_label(variant)} runs seeds {unpaired} that its reference {_label(reference)} "
+                         f"{cell_text(variant)} runs seeds {unpaired} that its reference {cell_text(reference)} "
                          "does not: the report pairs by seed and would drop them; give the reference those "
                          "seeds too")
 
-
-def _label(items: Iterable[tuple[str, str]]) -> str:
-    """`axis=value ...` of a cell given as (axis, value) pairs."""
-    return " ".join(f"{axis}={value}" for axis, value in items)
