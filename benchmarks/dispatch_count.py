@@ -6,7 +6,8 @@ counted with a TorchDispatchMode; a fused two-branch op counts once, and the `in
 counts the aten ops of its CPU composition instead (what a device without its kernel runs).
 Compiled: torch.compile of forward + backward, the kernels inductor generates
 (`torch._inductor.metrics.generated_kernel_count`, on CPU one per loop nest), the kernel calls in
-the generated code (fused kernels + extern GEMM/attention calls), and dynamo's graph breaks.
+the generated code (fused kernels, extern GEMM calls and fallback ops: attention, the two-branch
+linear, one kernel each on CUDA), and dynamo's graph breaks.
 With --device cuda it also counts what the proxy stands for: the CUDA kernels one eager bf16
 training step launches (torch.profiler). The last line printed is one JSON object.
 
@@ -73,7 +74,8 @@ def compiled_counts(model: torch.nn.Module, img_size: int, batch_size: int) -> d
     torch._inductor.metrics.reset()
     compiled = torch.compile(model)
     _, codes = run_and_get_code(lambda: torch.nn.functional.cross_entropy(compiled(x), y).backward())
-    calls = sum(len(re.findall(r"^\s+(?:cpp_fused_\w+\(|triton_\w+\.run\(|extern_kernels\.\w+\()", code, re.M))
+    calls = sum(len(re.findall(r"^\s+(?:buf\d+ = )?(?:cpp_fused_\w+\(|triton_\w+\.run\(|extern_kernels\.\w+\("
+                               r"|torch\.ops\.\w+\.\w+\.default\()", code, re.M))
                 for code in codes)
     return {"inductor_kernels": torch._inductor.metrics.generated_kernel_count, "kernel_calls": calls,
             "graph_breaks": breaks}

@@ -67,6 +67,7 @@ def test_compiled_step_generates_about_vanillas_kernels():
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[spec][name], p.grad, rtol=1e-4, atol=1e-6)
     assert breaks == {"none": 0, "paper": 0, "all": 0}
-    assert kernels["paper"] <= 1.05 * kernels["none"]
-    # `all` splits every GEMM's rows (prefix / patch): the copies and extra GEMMs cost kernels.
-    assert kernels["all"] <= 1.6 * kernels["none"]
+    # The two-branch linear is one extern call (no row copies around its GEMMs), norm and scale
+    # fuse into their neighbours: every specialization generates about vanilla's kernels.
+    assert kernels["paper"] <= 1.05 * kernels["none"], kernels
+    assert kernels["all"] <= 1.05 * kernels["none"], kernels

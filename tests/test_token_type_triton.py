@@ -1,4 +1,4 @@
-"""The Triton kernels of the two-branch LayerNorm and LayerScale equal their aten compositions.
+"""The Triton kernels of the two-branch LayerNorm, LayerScale and Linear equal their aten compositions.
 
 On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: the variable must be
 set before the kernels are defined); on a GPU, compiled, in process.
@@ -24,13 +24,15 @@ BOTH = (torch.float32, torch.bfloat16)
 
 def cases() -> list:
     past_programs = token_type_triton._BACKWARD_PROGRAMS + 8  # rows: read when called (see the interpreter test)
-    return [((2, 7, 48), 1, True, BOTH), ((2, 7, 64), 3, False, BOTH), ((1, past_programs, 8), 2, True, (torch.float32,))]
+    return [((2, 7, 48), 1, True, BOTH), ((2, 7, 64), 3, False, BOTH), ((1, past_programs, 8), 2, True, (torch.float32,)),
+            ((3, 50, 24), 2, True, (torch.float32,))]  # 144 patch rows: three row tiles of the linear
 
 
 def check(device: str) -> None:
     """Compare each kernel with the composition the CPU runs, on `device`, for fp32 and bf16 inputs."""
     composition = {name: token_type_ops.COMPOSITIONS[getattr(ops, name).default]
-                   for name in ("layer_norm", "layer_norm_backward", "scale", "scale_backward")}
+                   for name in ("layer_norm", "layer_norm_backward", "scale", "scale_backward", "linear",
+                                "linear_backward")}
     g = torch.Generator().manual_seed(0)
     for shape, p, bias, dtype in [(*c[:3], d) for c in cases() for d in c[3]]:
         d = shape[-1]
@@ -48,6 +50,24 @@ def check(device: str) -> None:
         compare(f"scale {shape} {dtype}", [token_type_triton.scale(x, w, pw, p)], [composition["scale"](xf, w, pw, p)], tol)
         compare(f"scale_backward {shape} {dtype}", token_type_triton.scale_backward(gf, x, w, pw, p),
                 composition["scale_backward"](gf, xf, w, pw, p), tol)
+        check_linear(composition, shape, p, bias, dtype, device, g)
+
+
+def check_linear(composition: dict, shape: tuple, p: int, bias: bool, dtype: torch.dtype, device: str,
+                 g: torch.Generator) -> None:
+    """The grouped GEMM: out-features that are not a multiple of a tile, rows spanning several tiles."""
+    out = 40
+    x = torch.randn(shape, generator=g).to(device, dtype)
+    grad = torch.randn((*shape[:-1], out), generator=g).to(device, dtype)
+    w, pw = (torch.randn(out, shape[-1], generator=g).to(device, dtype) for _ in range(2))
+    b, pb = (torch.randn(out, generator=g).to(device, dtype) for _ in range(2)) if bias else (None, None)
+    # fp32: sums of up to `rows` products in another order; bf16: one rounding of the output.
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    f = (lambda t: None if t is None else t.float())
+    compare(f"linear {shape} {dtype}", [token_type_triton.linear(x, w, b, pw, pb, p)],
+            [composition["linear"](*map(f, (x, w, b, pw, pb)), p)], tol)
+    compare(f"linear_backward {shape} {dtype}", token_type_triton.linear_backward(grad, x, w, pw, p, bias),
+            composition["linear_backward"](*map(f, (grad, x, w, pw)), p, bias), tol)
 
 
 def compare(what: str, got, want, tol: dict) -> None:

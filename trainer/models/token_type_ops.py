@@ -4,10 +4,14 @@ and one backward (`torch.ops.specialized_vit.*`), as the shared layer costs.
 
 Three ways the same function runs:
 - eager: an `autograd.Function` around the ops. Their implementation below is a composition of aten
-  ops (every device; meta tensors get shapes from it); on CUDA, norm and scale run Triton kernels
-  (`token_type_triton.py`), one launch forward and one plus a small reduction backward.
-- `torch.compile`, `torch.fx` and TorchScript: `*_graph` formulations in plain differentiable ops
-  without in-place writes, which inductor fuses and FX / TorchScript can represent.
+  ops (every device; meta tensors get shapes from it); on CUDA they run Triton kernels
+  (`token_type_triton.py`): norm and scale one launch forward and one plus a small reduction
+  backward, the linear a grouped GEMM, one launch forward and two backward.
+- `torch.compile`: norm and scale as `*_graph` formulations in plain differentiable ops, which
+  inductor fuses into their neighbours' kernels; the linear stays the op (dynamo traces the
+  Function), called as one extern kernel. Traced as two GEMMs and a `cat`, its row split cost
+  inductor a copy kernel per GEMM and direction: `all` generated 1.49x vanilla's kernels.
+- `torch.fx` and TorchScript: the `*_graph` formulations, which they can represent.
 (`autograd.Function` + `torch.library.Library` rather than `torch.library.custom_op`: measured on
 CPU, custom_op's Python autograd and dispatch cost ~4x the Function route per call.)
 """
@@ -154,6 +158,8 @@ if torch.cuda.is_available():  # Triton ships with torch's CUDA builds; CPU-only
     _lib.impl("layer_norm_backward", token_type_triton.layer_norm_backward, "CUDA")
     _lib.impl("scale", token_type_triton.scale, "CUDA")
     _lib.impl("scale_backward", token_type_triton.scale_backward, "CUDA")
+    _lib.impl("linear", token_type_triton.linear, "CUDA")
+    _lib.impl("linear_backward", token_type_triton.linear_backward, "CUDA")
 
 
 @register_flop_formula(ops.linear)
@@ -242,7 +248,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], prefix_weight: Ten
            prefix_bias: Optional[Tensor], num_prefix: int) -> Tensor:
     if torch.jit.is_scripting():  # its own `if`: TorchScript then skips compiling the rest
         return linear_graph(x, weight, bias, prefix_weight, prefix_bias, num_prefix)
-    if _traced(x):
+    if isinstance(x, torch.fx.Proxy):  # torch.compile traces the Function below: one extern kernel
         return linear_graph(x, weight, bias, prefix_weight, prefix_bias, num_prefix)
     device = x.device.type
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
