@@ -183,6 +183,17 @@ def _group_rows(i, tokens, first, count):
     return ((i // count) * tokens + first + i % count).to(tl.int64)
 
 
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    if IEEE:
+        product = tl.dot(a, b, input_precision="ieee")
+    else:
+        product = tl.dot(a, b)
+    return product
+
+
 @triton.autotune(configs=_MATMUL_CONFIGS, key=["batch", "tokens", "k_dim", "n_dim"])
 @triton.jit
 def _grouped_matmul(A, W, PW, Bias, PBias, Y, tokens, num_prefix, batch, k_dim, n_dim, stride_wn, stride_wk,
@@ -208,12 +219,7 @@ def _grouped_matmul(A, W, PW, Bias, PBias, Y, tokens, num_prefix, batch, k_dim, 
         a = tl.load(A + rows[:, None] * k_dim + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w + ks[:, None] * stride_wk + cols[None, :] * stride_wn, mask=k_ok[:, None] & col_ok[None, :],
                     other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
+        acc += _dot(a, b, IEEE, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + rows[:, None] * n_dim + cols[None, :], acc.to(Y.dtype.element_ty),
@@ -243,12 +249,7 @@ def _grouped_weight_grad(G, X, GW, GPW, GB, GPB, tokens, num_prefix, batch, n_di
         rows = _group_rows(i, tokens, first, count)
         g = tl.load(G + rows[None, :] * n_dim + ns[:, None], mask=n_ok[:, None] & ok[None, :], other=0.0)
         x = tl.load(X + rows[:, None] * k_dim + ks[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            g, x = g.to(tl.float32), x.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(g, x, input_precision="ieee")
-        else:
-            acc += tl.dot(g, x)
+        acc += _dot(g, x, IEEE, UPCAST)
         if HAS_BIAS:
             bias_acc += tl.sum(g.to(tl.float32), axis=1)
     tl.store(gw + ns[:, None] * k_dim + ks[None, :], acc.to(gw.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
