@@ -1,7 +1,8 @@
 """The Triton kernels of the two-branch LayerNorm, LayerScale and Linear equal their aten compositions.
 
 On CPU they run in Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: the variable must be
-set before the kernels are defined); on a GPU, compiled, in process.
+set before the kernels are defined) and are compiled for sm_90 ahead of time; on a GPU they run
+compiled, in process.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 from trainer.models import token_type_ops, token_type_triton
 
@@ -96,3 +100,45 @@ def test_kernels_on_the_gpu():
     cpu = ops.layer_norm(x, *args)[0]
     gpu = ops.layer_norm(x.cuda(), *(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))[0]
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+# The interpreter checks what the kernels compute, not that they compile: this compiles each one,
+# in every autotuned tile config, for an H100/H200 (sm_90) without a GPU, as a launch would.
+SM90 = GPUTarget("cuda", 90, 32)
+SHARED_MEMORY_SM90 = 232_448  # bytes a block may use on sm_90
+FP32_POINTERS = {"Mean", "Rstd", "Partial"}  # statistics and partial sums: always fp32
+
+
+def _signature(kernel, dtype: str, constexprs: dict) -> dict:
+    def kind(name: str) -> str:
+        if name in constexprs:
+            return "constexpr"
+        if name[0].isupper():
+            return "*fp32" if name in FP32_POINTERS else f"*{dtype}"
+        return "fp32" if name == "eps" else "i32"
+    return {p.name: kind(p.name) for p in kernel.params}
+
+
+def _compile_cases():
+    """bf16 (the trainer's GPU precision) in every config; fp32 (IEEE products) in the first."""
+    tt = token_type_triton
+    for normalize in (True, False):
+        yield tt._affine_forward, "bf16", dict(NORMALIZE=normalize, HAS_BIAS=True, BLOCK=512), {}
+        yield tt._affine_backward, "bf16", dict(NORMALIZE=normalize, BLOCK=512), {}
+    for tuned in (tt._grouped_matmul, tt._grouped_weight_grad):
+        for dtype, configs in (("bf16", tuned.configs), ("fp32", tuned.configs[:1])):
+            for config in configs:
+                constexprs = dict(HAS_BIAS=True, IEEE=dtype == "fp32", UPCAST=False, **config.kwargs)
+                yield tuned.fn, dtype, constexprs, dict(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_a_gpu():
+    assert not token_type_triton._UPCAST  # the GPU's tile configs, not the interpreter's one
+    compiled = 0
+    for kernel, dtype, constexprs, options in _compile_cases():
+        source = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs)
+        binary = triton.compile(source, target=SM90, options=options)
+        assert binary.metadata.shared <= SHARED_MEMORY_SM90, (kernel.__name__, constexprs, binary.metadata.shared)
+        compiled += 1
+    assert compiled == 4 + len(token_type_triton._MATMUL_CONFIGS) + len(token_type_triton._WEIGHT_GRAD_CONFIGS) + 2
